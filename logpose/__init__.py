@@ -1,0 +1,3 @@
+"""LogPose: a service discovery server answering over DNS and JSON/HTTP."""
+
+__version__ = "0.1.0"

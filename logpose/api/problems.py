@@ -1,0 +1,101 @@
+"""RFC 9457 problem details: the one place where errors become HTTP answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from logpose.errors import (
+    AuthenticationError,
+    ConflictError,
+    LogPoseError,
+    MalformedRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    StoreUnavailableError,
+    ValidationError,
+)
+from logpose.log import http_log
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:logpose:problem:"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem_response(
+    status: int,
+    problem: str,
+    title: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    body = {"type": PROBLEM_TYPE_PREFIX + problem, "title": title, "status": status, "detail": detail, **extra}
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type=PROBLEM_CONTENT_TYPE,
+        headers=headers,
+    )
+
+
+def _from_logpose_error(error: LogPoseError) -> web.Response:
+    if isinstance(error, ValidationError):
+        # Unparseable input is malformed (400); well-formed JSON with bad fields is 422.
+        status = 400 if isinstance(error, MalformedRequestError) else 422
+        return problem_response(
+            status, "validation", "Invalid request", error.detail,
+            errors=[{"field": error.field, "message": error.reason}],
+        )
+    if isinstance(error, NotFoundError):
+        return problem_response(404, "not-found", "Not found", error.detail)
+    if isinstance(error, ConflictError):
+        return problem_response(409, "conflict", "Conflict", error.detail)
+    if isinstance(error, AuthenticationError):
+        return problem_response(
+            401, "unauthorized", "Unauthorized", error.detail,
+            headers={"WWW-Authenticate": 'Bearer realm="logpose"'},
+        )
+    if isinstance(error, PermissionDeniedError):
+        return problem_response(403, "forbidden", "Forbidden", error.detail, permission=error.permission)
+    if isinstance(error, StoreUnavailableError):
+        return problem_response(
+            503, "store-unavailable", "Service unavailable",
+            f"the write was not committed because the database is unavailable; retry later ({error.detail})",
+            headers={"Retry-After": "5"},
+        )
+    return problem_response(500, "internal", "Internal error", error.detail)
+
+
+def _from_http_exception(error: web.HTTPException) -> web.Response:
+    details = {
+        404: "no such resource; see the API documentation for the routes",
+        405: "method not allowed on this resource",
+        413: "the request body is larger than the 1 MiB limit",
+    }
+    detail = details.get(error.status, error.reason)
+    headers = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
+    problem = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(error.status, "http-error")
+    return problem_response(error.status, problem, error.reason, detail, headers=headers)
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error, ours or the framework's, into an ``application/problem+json`` answer."""
+    try:
+        return await handler(request)
+    except LogPoseError as error:
+        if isinstance(error, StoreUnavailableError):
+            http_log.warning("%s %s failed, database unavailable: %s", request.method, request.path, error.detail)
+        return _from_logpose_error(error)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return _from_http_exception(error)
+    except Exception:
+        http_log.exception("Unhandled error in %s %s from %s", request.method, request.path, request.remote)
+        return problem_response(500, "internal", "Internal error", "the server failed; see its log")

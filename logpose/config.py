@@ -1,0 +1,187 @@
+"""Server settings: one frozen object, validated once at start.
+
+Each setting comes from, in order of precedence: a command-line flag, a
+``LOGPOSE_<KEY>`` environment variable, the TOML file given with ``--config``,
+then the default. TOML keys are the flag names in snake_case.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from logpose.errors import ConfigError
+
+ENVIRONMENT_PREFIX = "LOGPOSE_"
+MIN_JWT_KEY_BYTES = 32  # RFC 7518 §3.2: an HS256 key has at least 256 bits
+
+HostPort = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    http_listen: HostPort = ("127.0.0.1", 8470)
+    dns_listen: tuple[HostPort, ...] = (("127.0.0.1", 8653),)
+    data_dir: Path = Path("data")
+    database_url: str | None = None  # None: SQLite file in data_dir
+    domain: str = "logpose.internal"
+    probe_interval: float = 10.0  # seconds
+    probe_timeout: float = 2.0  # seconds
+    probe_concurrency: int = 64  # probes in flight at most
+    dns_ttl: int = 5  # seconds
+    jwt_key: str | None = None  # None: a random key kept in data_dir/jwt.key
+    token_lifetime: int = 3600  # seconds
+    log_level: str = "INFO"
+
+
+def parse_host_port(value: Any, key: str) -> HostPort:
+    """Parse ``HOST:PORT`` or ``[IPv6]:PORT`` where HOST is an IP address; port 0 picks a free one."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a string 'HOST:PORT', got {value!r}")
+    if value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+    else:
+        host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{key}: {value!r} is not 'HOST:PORT' (IPv6 in brackets: '[::1]:8653')")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{key}: {host!r} in {value!r} is not an IP address") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: port {port_text!r} in {value!r} must be from 0 to 65535")
+    return host, int(port_text)
+
+
+def _host_port_list(value: Any, key: str) -> tuple[HostPort, ...]:
+    items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else None
+    if not items:
+        raise ConfigError(f"{key}: must be one or more 'HOST:PORT' addresses, got {value!r}")
+    return tuple(parse_host_port(item.strip() if isinstance(item, str) else item, key) for item in items)
+
+
+def _seconds(minimum: float, maximum: float) -> Callable[[Any, str], float]:
+    def parse(value: Any, key: str) -> float:
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not minimum <= number <= maximum:
+            raise ConfigError(f"{key}: must be a number of seconds from {minimum:g} to {maximum:g}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _whole(minimum: int, maximum: int, unit: str = "") -> Callable[[Any, str], int]:
+    def parse(value: Any, key: str) -> int:
+        text = str(value).strip()
+        if isinstance(value, bool) or not text.lstrip("-").isdigit() or not minimum <= int(text) <= maximum:
+            raise ConfigError(f"{key}: must be a whole number{unit} from {minimum} to {maximum}, got {value!r}")
+        return int(text)
+
+    return parse
+
+
+def _text(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: must be a non-empty string")
+    return value
+
+
+def _domain(value: Any, key: str) -> str:
+    text = _text(value, key).lower().rstrip(".")
+    labels = text.split(".")
+    if len(text) > 200 or not all(label and len(label) <= 63 and label.replace("-", "").isalnum()
+                                  and label.isascii() and not label.startswith("-") and not label.endswith("-")
+                                  for label in labels):
+        raise ConfigError(f"{key}: {value!r} is not a DNS domain name like 'logpose.internal'")
+    return text
+
+
+def _jwt_key(value: Any, key: str) -> str:
+    text = _text(value, key)
+    if len(text.encode()) < MIN_JWT_KEY_BYTES:
+        raise ConfigError(
+            f"{key}: must be at least {MIN_JWT_KEY_BYTES} bytes (256 bits, RFC 7518 §3.2), "
+            f"got {len(text.encode())}; generate one with: openssl rand -hex 32"
+        )
+    return text
+
+
+def _log_level(value: Any, key: str) -> str:
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+    text = str(value).upper()
+    if text not in levels:
+        raise ConfigError(f"{key}: must be one of {', '.join(levels)}, got {value!r}")
+    return text
+
+
+_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "http_listen": parse_host_port,
+    "dns_listen": _host_port_list,
+    "data_dir": lambda value, key: Path(_text(value, key)),
+    "database_url": _text,
+    "domain": _domain,
+    "probe_interval": _seconds(0.05, 86400),
+    "probe_timeout": _seconds(0.01, 3600),
+    "probe_concurrency": _whole(1, 10000),
+    "dns_ttl": _whole(0, 86400, " of seconds"),
+    "jwt_key": _jwt_key,
+    "token_lifetime": _whole(60, 86400 * 30, " of seconds"),
+    "log_level": _log_level,
+}
+SETTING_KEYS = tuple(field.name for field in fields(Settings))
+assert set(_PARSERS) == set(SETTING_KEYS)
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Merge flags, environment and TOML file over the defaults, then validate.
+
+    ``flags`` holds only the flags given (None values are ignored). Raise
+    ConfigError naming the key and its source on the first bad value.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        for key, value in _read_toml(config_file).items():
+            values[key] = _PARSERS[key](value, f"{key} in {config_file}")
+    for key in SETTING_KEYS:
+        variable = ENVIRONMENT_PREFIX + key.upper()
+        if environ.get(variable, "") != "":
+            values[key] = _PARSERS[key](environ[variable], variable)
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = _PARSERS[key](value, "--" + key.replace("_", "-"))
+    settings = Settings(**values)
+    if settings.probe_timeout >= settings.probe_interval:
+        raise ConfigError(
+            f"probe_timeout must be less than probe_interval "
+            f"(got {settings.probe_timeout:g} >= {settings.probe_interval:g})"
+        )
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(document) - set(SETTING_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} in {path}; accepted keys: {', '.join(SETTING_KEYS)}"
+        )
+    return document

@@ -1,0 +1,58 @@
+"""Error families of the registry core.
+
+Front ends map these to protocol answers in exactly one place each: the HTTP API
+turns them into problem details, the DNS front end into response codes. Foreign
+exceptions (SQLAlchemy, OSError, pyjwt) are converted at the module boundary
+where they are caught, chained with ``from exc``.
+"""
+
+from __future__ import annotations
+
+
+class LogPoseError(Exception):
+    """Base class of every error LogPose raises on purpose."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ValidationError(LogPoseError):
+    """Input that breaks a domain rule; ``field`` names the offending field."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+        self.reason = detail
+
+
+class MalformedRequestError(ValidationError):
+    """Input that cannot even be parsed (a body that is not JSON)."""
+
+
+class NotFoundError(LogPoseError):
+    """The named service, instance or client does not exist."""
+
+
+class ConflictError(LogPoseError):
+    """The write contradicts the current catalog (duplicate code, service in use)."""
+
+
+class AuthenticationError(LogPoseError):
+    """Missing, malformed, expired or forged credentials."""
+
+
+class PermissionDeniedError(LogPoseError):
+    """Valid credentials that lack the permission the action needs."""
+
+    def __init__(self, detail: str, permission: str) -> None:
+        super().__init__(detail)
+        self.permission = permission
+
+
+class StoreUnavailableError(LogPoseError):
+    """The database cannot be reached, so the write was not committed."""
+
+
+class ConfigError(LogPoseError):
+    """An invalid setting in flags, environment or the TOML file."""

@@ -1,0 +1,561 @@
+"""DNS message in, answer out: the zone's names computed from the registry's memory.
+
+No sockets here; ``logpose.nameserver.transport`` feeds this module's ``Responder``.
+Only healthy instances (``Registry.discoverable``) exist in the zone. Names relative
+to the zone apex:
+
+    (apex)                              SOA, NS ns.<zone>
+    ns                                  A/AAAA from ZoneSettings.ns_addresses
+    <service>                           A/AAAA of the IP instances, SRV of all instances
+    _<transport>.<service>              empty non-terminal (NODATA for every type)
+    _<protocol>._<transport>.<service>  SRV of the instances of that protocol (RFC 2782)
+    <instance-id>.<service>             A or AAAA, or CNAME to the instance's host name
+
+A service without a healthy instance does not exist, and neither does any name below
+it (NXDOMAIN, RFC 8020). SRV records all have priority 1 and carry the instance's
+weight and port. An SRV target of an IP instance is ``<instance-id>.<service>.<zone>``,
+whose address goes in the additional section. An SRV target of an instance registered
+by host name is that host name, with no additional record.
+
+Choices where the RFCs leave room:
+- A message with QR set is dropped without an answer, so two servers can never
+  answer each other's answers in a loop.
+- ANY gets one RRset that exists at the name: SOA, else A, else AAAA, else SRV
+  (RFC 8482 §4.1), or NODATA.
+- AXFR and IXFR are REFUSED: the zone lives in memory and has no secondaries.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+from dnslib import CLASS, CNAME, EDNS0, NS, OPCODE, QTYPE, RCODE, RR, SOA, SRV, A, AAAA, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+
+from logpose.log import dns_log
+from logpose.model import AddressKind, Instance
+from logpose.nameserver.zone import MAX_MESSAGE_SIZE, MIN_UDP_PAYLOAD, ZoneSettings
+
+if TYPE_CHECKING:
+    from logpose.registry import Registry
+
+HEADER_SIZE = 12
+SRV_PRIORITY = 1
+# Extended RCODE 16 (RFC 6891 §6.1.3): its upper 8 bits travel in the OPT record.
+RCODE_BADVERS = 16
+
+# SOA timers in seconds. No secondary server ever transfers this zone, so they only
+# have to be plausible (RFC 1912 §2.2).
+SOA_REFRESH = 3600
+SOA_RETRY = 600
+SOA_EXPIRE = 86400
+
+_MAX_LABEL_LENGTH = 63  # RFC 1035 §2.3.4
+_MAX_NAME_LENGTH = 255  # on the wire, length octets and root included
+_ANY_PREFERENCE = (QTYPE.SOA, QTYPE.A, QTYPE.AAAA, QTYPE.SRV)
+_ZONE_TRANSFER_TYPES = frozenset({QTYPE.AXFR, QTYPE.IXFR})
+_QR_FLAG = 0x8000
+_MAX_ROTATION_KEYS = 10_000
+_FAILURE_LOG_INTERVAL = 10.0  # seconds between two logged SERVFAIL tracebacks
+
+_header_struct = struct.Struct("!HH")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_T = TypeVar("_T")
+
+
+# ----- lookup outcomes that are not a positive answer ------------------------
+
+
+class _QueryError(Exception):
+    """A query that gets no positive answer; ``_rcode_for`` turns it into an RCODE."""
+
+
+class _FormatError(_QueryError):
+    """The message cannot be interpreted as a query (FORMERR, RFC 1035 §4.1.1)."""
+
+
+class _OpcodeNotImplemented(_QueryError):
+    """An opcode other than QUERY (NOTIMP)."""
+
+
+class _BadEdnsVersion(_QueryError):
+    """An OPT record of an EDNS version other than 0 (BADVERS, RFC 6891 §6.1.3)."""
+
+
+class _Refused(_QueryError):
+    """A question this server is not authoritative for or does not serve (REFUSED)."""
+
+
+class _NameNotFound(_QueryError):
+    """The name does not exist in the zone (NXDOMAIN, RFC 2308 §2.1)."""
+
+
+class _NoData(_QueryError):
+    """The name exists but has no record of the requested type (NODATA, RFC 2308 §2.2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ResponseCode:
+    rcode: int
+    authoritative: bool  # sets AA; a negative authoritative answer carries the SOA
+
+
+def _rcode_for(error: Exception) -> _ResponseCode:
+    """Map a lookup outcome to its response code: the one place that does it.
+
+    An exception that is no ``_QueryError`` is a bug, answered with SERVFAIL.
+    """
+    if isinstance(error, _NameNotFound):
+        return _ResponseCode(RCODE.NXDOMAIN, authoritative=True)
+    if isinstance(error, _NoData):
+        return _ResponseCode(RCODE.NOERROR, authoritative=True)
+    if isinstance(error, _Refused):
+        return _ResponseCode(RCODE.REFUSED, authoritative=False)
+    if isinstance(error, _FormatError):
+        return _ResponseCode(RCODE.FORMERR, authoritative=False)
+    if isinstance(error, _OpcodeNotImplemented):
+        return _ResponseCode(RCODE.NOTIMP, authoritative=False)
+    if isinstance(error, _BadEdnsVersion):
+        return _ResponseCode(RCODE_BADVERS, authoritative=False)
+    return _ResponseCode(RCODE.SERVFAIL, authoritative=False)
+
+
+# ----- request and answer ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Request:
+    """What the response echoes from the query, filled in as far as the query could be read."""
+
+    id: int
+    opcode: int
+    rd: int
+    cd: int
+    question: DNSQuestion | None = None
+    edns: RR | None = None  # the query's OPT record
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A response's sections; ``additional[i]`` holds the additional records of ``records[i]``."""
+
+    rcode: int = RCODE.NOERROR
+    authoritative: bool = True
+    records: list[RR] = field(default_factory=list)
+    additional: list[list[RR]] = field(default_factory=list)
+    authority: list[RR] = field(default_factory=list)
+
+
+class _NodeKind(enum.Enum):
+    APEX = "apex"
+    NAMESERVER = "nameserver"
+    SERVICE = "service"
+    SRV_NAME = "srv-name"
+    EMPTY_NON_TERMINAL = "empty-non-terminal"
+    INSTANCE = "instance"
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """A name that exists in the zone; ``instances`` are the healthy ones it publishes."""
+
+    kind: _NodeKind
+    relative: tuple[bytes, ...]  # lower-case labels below the apex
+    code: str = ""
+    instances: tuple[Instance, ...] = ()
+
+
+# ----- the responder ---------------------------------------------------------
+
+
+class Responder:
+    """Answers DNS queries for one zone from a registry's in-memory catalog.
+
+    Uses only the registry's read methods, so it never waits and never touches the store.
+    """
+
+    def __init__(self, registry: Registry, settings: ZoneSettings) -> None:
+        self._registry = registry
+        self._settings = settings
+        self._zone = tuple(label.encode("ascii") for label in settings.domain.split("."))
+        self._zone_lower = tuple(label.lower() for label in self._zone)
+        self._apex = DNSLabel(self._zone)
+        self._nameserver = DNSLabel((b"ns",) + self._zone)
+        self._hostmaster = DNSLabel((b"hostmaster",) + self._zone)
+        self._rotation: dict[tuple[tuple[bytes, ...], int], int] = {}
+        self._next_failure_log = 0.0
+        self._unlogged_failures = 0
+
+    def respond(self, wire: bytes, transport: str, peer: str = "-") -> bytes | None:
+        """Return the response to the DNS message ``wire``, or None to send nothing.
+
+        ``transport`` is "udp" or "tcp" and sets the size limit: a UDP response is cut
+        to fit the client's EDNS0 size (512 bytes without EDNS0), a TCP response may use
+        up to 65,535 bytes. ``peer`` only names the client in log lines. Never raises
+        on bad input: a message shorter than a header, or one with QR set, returns None,
+        and anything else unreadable gets FORMERR.
+        """
+        if transport not in ("udp", "tcp"):
+            raise ValueError(f"transport must be 'udp' or 'tcp', got {transport!r}")
+        if len(wire) < HEADER_SIZE:
+            dns_log.debug("Dropped a %d-byte message from %s: shorter than a DNS header", len(wire), peer)
+            return None
+        message_id, flags = _header_struct.unpack_from(wire)
+        if flags & _QR_FLAG:
+            dns_log.debug("Dropped a message from %s with QR set: it is a response, not a query", peer)
+            return None
+
+        request = _Request(
+            id=message_id,
+            opcode=(flags >> 11) & 0xF,
+            rd=(flags >> 8) & 1,
+            cd=(flags >> 4) & 1,
+        )
+        try:
+            self._read_request(wire, request)
+            answer = self._lookup(request.question)
+        except Exception as error:
+            answer = self._answer_error(request, error, peer)
+
+        limit = self._size_limit(request, transport)
+        try:
+            reply, truncated = self._encode(request, answer, limit)
+        except Exception as error:
+            answer = self._answer_error(request, error, peer)
+            reply, truncated = self._encode(request, answer, limit)
+
+        if dns_log.isEnabledFor(logging.DEBUG):
+            question = request.question
+            dns_log.debug(
+                "%s %s %s %s -> %s, %d answer record(s), %d bytes%s",
+                peer,
+                transport,
+                question.qname if question else "-",
+                QTYPE.get(question.qtype) if question else "-",
+                RCODE.get(answer.rcode, answer.rcode),
+                len(answer.records),
+                len(reply),
+                ", truncated" if truncated else "",
+            )
+        return reply
+
+    # ----- reading the query ---------------------------------------------
+
+    def _read_request(self, wire: bytes, request: _Request) -> None:
+        # Checked before parsing: other opcodes (UPDATE, NOTIFY) give the sections
+        # other meanings, and dnslib rejects their zero-length records.
+        if request.opcode != OPCODE.QUERY:
+            raise _OpcodeNotImplemented(f"opcode {OPCODE.get(request.opcode)} is not implemented")
+        try:
+            message = DNSRecord.parse(wire)
+        except Exception as exc:
+            # dnslib raises DNSError for most damage, but a long chain of compression
+            # pointers raises RecursionError, so every exception means "malformed".
+            raise _FormatError(f"cannot decode the message: {exc!r}") from exc
+
+        options = [record for record in message.ar if record.rtype == QTYPE.OPT]
+        if len(options) > 1:
+            raise _FormatError(f"{len(options)} OPT records; a message has at most one (RFC 6891 §6.1.1)")
+        if options:
+            request.edns = options[0]
+        if len(message.questions) != 1:
+            raise _FormatError(f"{len(message.questions)} questions; a query has exactly one")
+        _validate_name(message.questions[0].qname)
+        request.question = message.questions[0]
+        if request.edns is not None and request.edns.edns_ver != 0:
+            raise _BadEdnsVersion(f"EDNS version {request.edns.edns_ver}; only version 0 is supported")
+
+    # ----- finding the answer --------------------------------------------
+
+    def _lookup(self, question: DNSQuestion) -> _Answer:
+        if question.qclass != CLASS.IN:
+            raise _Refused(f"class {CLASS.get(question.qclass)} is not served; only IN is")
+        labels = tuple(label.lower() for label in question.qname.label)
+        zone_size = len(self._zone_lower)
+        if len(labels) < zone_size or labels[len(labels) - zone_size :] != self._zone_lower:
+            raise _Refused(f"{question.qname} is outside the zone {self._settings.domain}")
+        if question.qtype in _ZONE_TRANSFER_TYPES:
+            raise _Refused("zone transfers are not offered")
+
+        # NOTE: answers are computed per query. A wire-format cache would sit here, keyed
+        # by (lower-case name, type, size limit), holding a few pre-rotated answers per name
+        # and dropped from a registry.subscribe listener on every change.
+        node = self._find_node(labels[: len(labels) - zone_size])
+        answer = _Answer()
+        self._add_records(answer, node, question.qname, question.qtype)
+        if not answer.records:
+            raise _NoData(f"{question.qname} has no {QTYPE.get(question.qtype)} record")
+        return answer
+
+    def _find_node(self, relative: tuple[bytes, ...]) -> _Node:
+        """Return what exists at the name below the apex, or raise _NameNotFound."""
+        if not relative:
+            return _Node(_NodeKind.APEX, relative)
+        if relative == (b"ns",):
+            return _Node(_NodeKind.NAMESERVER, relative)
+
+        code = relative[-1].decode("utf-8", "replace")
+        healthy = tuple(self._registry.discoverable(code))
+        if not healthy:
+            raise _NameNotFound(f"service {code!r} has no healthy instance")
+        below = relative[:-1]
+        if not below:
+            return _Node(_NodeKind.SERVICE, relative, code, healthy)
+
+        if len(below) == 1:
+            label = below[0].decode("utf-8", "replace")
+            if label in ("_tcp", "_udp"):
+                if any(instance.protocol.srv_labels[1] == label for instance in healthy):
+                    return _Node(_NodeKind.EMPTY_NON_TERMINAL, relative, code)
+                raise _NameNotFound(f"service {code!r} has no healthy instance over {label}")
+            for instance in healthy:
+                if instance.id.lower() == label:
+                    return _Node(_NodeKind.INSTANCE, relative, code, (instance,))
+            raise _NameNotFound(f"service {code!r} has no healthy instance {label!r}")
+
+        if len(below) == 2:
+            srv_labels = (below[0].decode("utf-8", "replace"), below[1].decode("utf-8", "replace"))
+            matching = tuple(instance for instance in healthy if instance.protocol.srv_labels == srv_labels)
+            if matching:
+                return _Node(_NodeKind.SRV_NAME, relative, code, matching)
+        raise _NameNotFound(f"no name {b'.'.join(relative)!r} below the apex")
+
+    def _add_records(self, answer: _Answer, node: _Node, owner: DNSLabel, qtype: int) -> None:
+        """Add the node's records of ``qtype``, owned by ``owner`` as the query spelled it."""
+        if qtype == QTYPE.ANY:
+            for candidate in _ANY_PREFERENCE:
+                self._add_records(answer, node, owner, candidate)
+                if answer.records:
+                    return
+            return
+
+        kind = node.kind
+        if kind is _NodeKind.APEX:
+            if qtype == QTYPE.SOA:
+                self._add(answer, self._soa_record(owner, self._settings.ttl))
+            elif qtype == QTYPE.NS:
+                glue = [self._address_record(self._nameserver, ipaddress.ip_address(address))
+                        for address in self._settings.ns_addresses]
+                self._add(answer, RR(owner, QTYPE.NS, ttl=self._settings.ttl, rdata=NS(self._nameserver)), glue)
+        elif kind is _NodeKind.NAMESERVER:
+            if qtype in (QTYPE.A, QTYPE.AAAA):
+                for address in self._settings.ns_addresses:
+                    ip = ipaddress.ip_address(address)
+                    if _address_type(ip) == qtype:
+                        self._add(answer, self._address_record(owner, ip))
+        elif kind is _NodeKind.SERVICE:
+            if qtype in (QTYPE.A, QTYPE.AAAA):
+                addresses = self._rotated(node.relative, qtype, _unique_addresses(node.instances, qtype))
+                for ip in addresses:
+                    self._add(answer, self._address_record(owner, ip))
+            elif qtype == QTYPE.SRV:
+                self._add_srv_records(answer, owner, node.code, self._rotated(node.relative, qtype, node.instances))
+        elif kind is _NodeKind.SRV_NAME:
+            if qtype == QTYPE.SRV:
+                self._add_srv_records(answer, owner, node.code, self._rotated(node.relative, qtype, node.instances))
+        elif kind is _NodeKind.INSTANCE:
+            instance = node.instances[0]
+            if instance.address.kind is AddressKind.HOSTNAME:
+                # A CNAME answers every type at its name (RFC 1034 §3.6.2). The target is
+                # outside the zone, so it is left to the client's resolver to follow.
+                target = _host_label(instance.address.host)
+                self._add(answer, RR(owner, QTYPE.CNAME, ttl=self._settings.ttl, rdata=CNAME(target)))
+            elif instance.address.ip is not None and _address_type(instance.address.ip) == qtype:
+                self._add(answer, self._address_record(owner, instance.address.ip))
+        # An empty non-terminal has no records of any type.
+
+    def _add_srv_records(self, answer: _Answer, owner: DNSLabel, code: str, instances: tuple[Instance, ...]) -> None:
+        code_label = code.encode("ascii")
+        for instance in instances:
+            address = instance.address
+            if address.kind is AddressKind.HOSTNAME:
+                target = _host_label(address.host)
+                glue = []
+            else:
+                target = DNSLabel((instance.id.lower().encode("ascii"), code_label) + self._zone)
+                glue = [self._address_record(target, address.ip)]
+            rdata = SRV(priority=SRV_PRIORITY, weight=instance.weight, port=address.port, target=target)
+            self._add(answer, RR(owner, QTYPE.SRV, ttl=self._settings.ttl, rdata=rdata), glue)
+
+    def _rotated(self, relative: tuple[bytes, ...], qtype: int, items: tuple[_T, ...]) -> tuple[_T, ...]:
+        """Return ``items`` starting one further along at every query for this name and type.
+
+        Clients mostly take the first record, so rotating spreads the load.
+        """
+        if len(items) < 2:
+            return items
+        key = (relative, qtype)
+        count = self._rotation.get(key, 0)
+        if len(self._rotation) >= _MAX_ROTATION_KEYS and key not in self._rotation:
+            # Bounds the table when many services come and go; rotation restarts at 0.
+            self._rotation.clear()
+        self._rotation[key] = count + 1
+        start = count % len(items)
+        return items[start:] + items[:start]
+
+    @staticmethod
+    def _add(answer: _Answer, record: RR, additional: list[RR] | None = None) -> None:
+        answer.records.append(record)
+        answer.additional.append(additional or [])
+
+    def _address_record(self, owner: DNSLabel, ip: IPAddress) -> RR:
+        if ip.version == 4:
+            return RR(owner, QTYPE.A, ttl=self._settings.ttl, rdata=A(tuple(ip.packed)))
+        return RR(owner, QTYPE.AAAA, ttl=self._settings.ttl, rdata=AAAA(tuple(ip.packed)))
+
+    def _soa_record(self, owner: DNSLabel, ttl: int) -> RR:
+        times = (
+            self._registry.index % 2**32,
+            SOA_REFRESH,
+            SOA_RETRY,
+            SOA_EXPIRE,
+            self._settings.negative_ttl,  # MINIMUM: the negative-caching TTL (RFC 2308 §4)
+        )
+        return RR(owner, QTYPE.SOA, ttl=ttl, rdata=SOA(self._nameserver, self._hostmaster, times))
+
+    # ----- errors and encoding -------------------------------------------
+
+    def _answer_error(self, request: _Request, error: Exception, peer: str) -> _Answer:
+        code = _rcode_for(error)
+        if isinstance(error, _FormatError):
+            dns_log.debug("Malformed query from %s: %s", peer, error)
+        elif not isinstance(error, _QueryError):
+            self._log_failure(request, error, peer)
+        answer = _Answer(rcode=code.rcode, authoritative=code.authoritative)
+        if code.authoritative:
+            # The negative answer's SOA: its TTL and MINIMUM both are the negative TTL (RFC 2308 §3).
+            answer.authority.append(self._soa_record(self._apex, self._settings.negative_ttl))
+        return answer
+
+    def _log_failure(self, request: _Request, error: Exception, peer: str) -> None:
+        # An unexpected error is a bug, but one query could trigger it at packet rate,
+        # so at most one traceback is logged per interval.
+        now = time.monotonic()
+        if now < self._next_failure_log:
+            self._unlogged_failures += 1
+            return
+        question = request.question
+        dns_log.error(
+            "SERVFAIL for %s %s from %s (%d earlier failure(s) not logged)",
+            question.qname if question else "-",
+            QTYPE.get(question.qtype) if question else "-",
+            peer,
+            self._unlogged_failures,
+            exc_info=error,
+        )
+        self._unlogged_failures = 0
+        self._next_failure_log = now + _FAILURE_LOG_INTERVAL
+
+    def _size_limit(self, request: _Request, transport: str) -> int:
+        if transport == "tcp":
+            return MAX_MESSAGE_SIZE
+        if request.edns is None:
+            return MIN_UDP_PAYLOAD
+        return max(MIN_UDP_PAYLOAD, min(request.edns.edns_len, self._settings.max_udp_payload))
+
+    def _encode(self, request: _Request, answer: _Answer, limit: int) -> tuple[bytes, bool]:
+        """Pack the answer into at most ``limit`` bytes; return the wire and whether TC is set.
+
+        Additional records go first (without TC, RFC 2181 §9), then whole answer
+        records from the end, and only leaving out answer records sets TC.
+        """
+        additional = [record for group in answer.additional for record in group]
+        wire = self._pack(request, answer, answer.records, additional, truncated=False)
+        if len(wire) <= limit:
+            return wire, False
+
+        without_additional = self._pack(request, answer, answer.records, [], truncated=False)
+        if len(without_additional) <= limit:
+            kept = _largest_fitting(
+                len(additional), lambda count: self._pack(request, answer, answer.records, additional[:count], False), limit
+            )
+            return kept, False
+
+        kept = _largest_fitting(
+            len(answer.records), lambda count: self._pack(request, answer, answer.records[:count], [], True), limit
+        )
+        return kept, True
+
+    def _pack(self, request: _Request, answer: _Answer, records: list[RR], additional: list[RR], truncated: bool) -> bytes:
+        header = DNSHeader(
+            id=request.id,
+            bitmap=0,
+            qr=1,
+            opcode=request.opcode,
+            aa=int(answer.authoritative),
+            tc=int(truncated),
+            rd=request.rd,
+            cd=request.cd,
+            rcode=answer.rcode & 0xF,
+        )
+        message = DNSRecord(
+            header,
+            questions=[request.question] if request.question is not None else [],
+            rr=list(records),
+            auth=list(answer.authority),
+            ar=list(additional),
+        )
+        if request.edns is not None:
+            # RFC 6891 §6.1.1 and §7: a query with OPT gets OPT back, truncated or not.
+            # The DO bit is copied (RFC 3225 §3) although no record here is signed.
+            message.add_ar(
+                EDNS0(
+                    udp_len=self._settings.max_udp_payload,
+                    ext_rcode=answer.rcode >> 4,
+                    flags="do" if request.edns.edns_do else "",
+                )
+            )
+        return message.pack()
+
+
+def _largest_fitting(total: int, pack: Callable[[int], bytes], limit: int) -> bytes:
+    """Binary-search the largest count in 0..total whose ``pack(count)`` fits in ``limit``.
+
+    ``pack(0)`` must fit, and a larger count never packs smaller.
+    """
+    low, high = 0, total
+    best = pack(0)
+    while low < high:
+        middle = (low + high + 1) // 2
+        wire = pack(middle)
+        if len(wire) <= limit:
+            low, best = middle, wire
+        else:
+            high = middle - 1
+    return best
+
+
+def _validate_name(name: DNSLabel) -> None:
+    # dnslib reads label lengths 64-191 (reserved label types) as plain lengths and
+    # does not add up a name built from compression pointers, so both limits of
+    # RFC 1035 §2.3.4 are checked here.
+    for label in name.label:
+        if len(label) > _MAX_LABEL_LENGTH:
+            raise _FormatError(f"a label of {len(label)} octets; at most {_MAX_LABEL_LENGTH} are allowed")
+    wire_length = sum(len(label) + 1 for label in name.label) + 1
+    if wire_length > _MAX_NAME_LENGTH:
+        raise _FormatError(f"a name of {wire_length} octets; at most {_MAX_NAME_LENGTH} are allowed")
+
+
+def _unique_addresses(instances: tuple[Instance, ...], qtype: int) -> tuple[IPAddress, ...]:
+    """Return the instances' IP addresses of the type's family, each once, in instance order.
+
+    Instances that share an address (several ports or protocols) give one record.
+    """
+    addresses = (instance.address.ip for instance in instances)
+    return tuple(dict.fromkeys(ip for ip in addresses if ip is not None and _address_type(ip) == qtype))
+
+
+def _address_type(ip: IPAddress) -> int:
+    return QTYPE.A if ip.version == 4 else QTYPE.AAAA
+
+
+def _host_label(host: str) -> DNSLabel:
+    """Return a registered host name as an absolute DNS name."""
+    return DNSLabel(tuple(host.rstrip(".").encode("ascii").split(b".")))

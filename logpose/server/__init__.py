@@ -1,0 +1,1 @@
+"""The ``logpose-server`` process: command line and lifecycle."""

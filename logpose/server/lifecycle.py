@@ -1,0 +1,143 @@
+"""The server's lifecycle: open the store, load the registry, start the prober,
+bind DNS and HTTP, then on a signal stop accepting, drain and close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import signal
+
+from aiohttp import web
+
+from logpose.api import build_app
+from logpose.auth import Authenticator, load_signing_key
+from logpose.config import Settings
+from logpose.errors import ConfigError, StoreUnavailableError
+from logpose.log import access_log, server_log
+from logpose.nameserver import DnsServer, Responder, ZoneSettings
+from logpose.prober import Prober
+from logpose.registry import Registry
+from logpose.store import SqlStore, database_url_for
+
+EXIT_CONFIG = 2
+EXIT_STORE = 3
+EXIT_BIND = 4
+SHUTDOWN_GRACE = 10.0  # seconds for in-flight HTTP requests to finish
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+async def serve(settings: Settings) -> None:
+    """Run the server until SIGTERM or SIGINT; raise StartupError if it cannot start."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create data directory {settings.data_dir}: {exc.strerror}", EXIT_CONFIG) from exc
+
+    try:
+        store = SqlStore(database_url_for(settings.data_dir, settings.database_url))
+        await store.open()
+    except ConfigError as exc:
+        raise StartupError(f"invalid configuration: {exc.detail}", EXIT_CONFIG) from exc
+    except StoreUnavailableError as exc:
+        raise StartupError(exc.detail, EXIT_STORE) from exc
+
+    background: list[asyncio.Task[None]] = []
+    dns_server: DnsServer | None = None
+    runner: web.AppRunner | None = None
+    try:
+        # The registry is loaded before any listener is bound, so a restarting
+        # server never answers from an empty catalog.
+        registry = Registry(store)
+        try:
+            signing_key = load_signing_key(settings.data_dir, settings.jwt_key)
+            authenticator = Authenticator(store, signing_key, settings.token_lifetime)
+            await registry.load()
+            await authenticator.ensure_admin(settings.data_dir)
+        except StoreUnavailableError as exc:
+            raise StartupError(exc.detail, EXIT_STORE) from exc
+        except OSError as exc:
+            raise StartupError(f"cannot set up credentials in {settings.data_dir}: {exc}", EXIT_CONFIG) from exc
+
+        prober = Prober(
+            registry,
+            interval=settings.probe_interval,
+            timeout=settings.probe_timeout,
+            concurrency=settings.probe_concurrency,
+        )
+        background.append(asyncio.create_task(registry.run_health_writer(), name="health-writer"))
+        background.append(asyncio.create_task(prober.run(), name="prober"))
+
+        zone = ZoneSettings(
+            domain=settings.domain,
+            ttl=settings.dns_ttl,
+            negative_ttl=settings.dns_ttl,
+            ns_addresses=_advertised_addresses(settings),
+        )
+        dns_server = DnsServer(Responder(registry, zone), list(settings.dns_listen))
+        try:
+            await dns_server.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen for DNS on {_format_listen(settings.dns_listen)}: {exc.strerror or exc}", EXIT_BIND) from exc
+
+        runner = web.AppRunner(build_app(registry, authenticator), access_log=access_log)
+        await runner.setup()
+        host, port = settings.http_listen
+        site = web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_GRACE)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen for HTTP on {_format_host_port(host, port)}: {exc.strerror or exc}", EXIT_BIND) from exc
+        for bound in runner.addresses:
+            server_log.info("HTTP API listening on http://%s", _format_host_port(bound[0], bound[1]))
+        server_log.info(
+            "LogPose ready: zone %s, %d service(s), %d instance(s), index %d",
+            settings.domain, len(registry.services()), len(registry.instances()), registry.index,
+        )
+
+        await stop.wait()
+        server_log.info("Shutting down")
+    finally:
+        # Stop accepting first, then let in-flight requests finish, then stop
+        # background work, and close the store last so pending health is written.
+        if runner is not None:
+            await runner.cleanup()
+        if dns_server is not None:
+            await dns_server.close()
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(StoreUnavailableError):
+            await registry.flush_health()
+        await store.close()
+        server_log.info("LogPose stopped")
+
+
+def _advertised_addresses(settings: Settings) -> list[str]:
+    """Return the DNS listen addresses that clients can reach, for the apex's ``ns`` record."""
+    addresses = []
+    for host, _port in settings.dns_listen:
+        if not ipaddress.ip_address(host).is_unspecified and host not in addresses:
+            addresses.append(host)
+    return addresses
+
+
+def _format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _format_listen(addresses: tuple[tuple[str, int], ...]) -> str:
+    return ", ".join(_format_host_port(host, port) for host, port in addresses)

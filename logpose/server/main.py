@@ -1,0 +1,71 @@
+"""``logpose-server``: parse the command line, load settings, run until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from logpose import __version__
+from logpose.config import load_settings
+from logpose.errors import ConfigError
+from logpose.server.lifecycle import EXIT_CONFIG, StartupError, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logpose-server",
+        description="Run the LogPose service discovery server (HTTP API and DNS).",
+        epilog="Each option is also an environment variable LOGPOSE_<OPTION> and a key in the TOML file.",
+    )
+    parser.add_argument("--version", action="version", version=f"logpose {__version__}")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--http-listen", metavar="HOST:PORT", help="HTTP API address (default 127.0.0.1:8470)")
+    parser.add_argument(
+        "--dns-listen", metavar="HOST:PORT", action="append",
+        help="DNS address, UDP and TCP; repeat for several (default 127.0.0.1:8653)",
+    )
+    parser.add_argument("--data-dir", metavar="DIR", help="directory for the database and keys (default ./data)")
+    parser.add_argument("--database-url", metavar="URL", help="database URL (default: SQLite file in the data directory)")
+    parser.add_argument("--domain", help="DNS zone served (default logpose.internal)")
+    parser.add_argument("--probe-interval", metavar="SECONDS", help="seconds between health probes (default 10)")
+    parser.add_argument("--probe-timeout", metavar="SECONDS", help="seconds before a probe fails (default 2)")
+    parser.add_argument("--probe-concurrency", metavar="N", help="probes in flight at most (default 64)")
+    parser.add_argument("--dns-ttl", metavar="SECONDS", help="TTL of DNS answers in seconds (default 5)")
+    parser.add_argument("--token-lifetime", metavar="SECONDS", help="lifetime of issued tokens (default 3600)")
+    parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = vars(build_parser().parse_args(argv))
+    config_file = arguments.pop("config")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = load_settings(arguments, config_file=config_file)
+    except ConfigError as exc:
+        print(f"logpose-server: invalid configuration: {exc.detail}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    logging.getLogger().setLevel(settings.log_level)
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional on other platforms
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(serve(settings))
+    except StartupError as exc:
+        print(f"logpose-server: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

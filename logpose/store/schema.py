@@ -1,0 +1,71 @@
+"""SQLAlchemy Core tables of the catalog.
+
+The schema itself is created by the Alembic migrations in ``migrations/``; these
+table objects are what queries are written against and must match the newest one.
+"""
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+catalog_state = Table(
+    "catalog_state",
+    metadata,
+    Column("id", Integer, primary_key=True),  # always 1: a single-row table
+    Column("change_index", BigInteger, nullable=False),
+)
+
+services = Table(
+    "services",
+    metadata,
+    Column("code", String(63), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("created_index", BigInteger, nullable=False),
+    Column("modify_index", BigInteger, nullable=False),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("service_code", String(63), ForeignKey("services.code", ondelete="CASCADE"), nullable=False),
+    Column("host", String(255), nullable=False),
+    # The normalised host (lower case, IPv6 compressed) that re-registration matches on.
+    Column("host_key", String(255), nullable=False),
+    Column("port", Integer, nullable=False),
+    Column("address_kind", String(16), nullable=False),
+    Column("protocol", String(16), nullable=False),
+    Column("check_type", String(16), nullable=False),
+    Column("check_ttl", Float, nullable=True),
+    Column("tags", Text, nullable=False),  # JSON array
+    Column("metadata", Text, nullable=False),  # JSON object
+    Column("weight", Integer, nullable=False),
+    Column("health", String(16), nullable=False),
+    Column("output", Text, nullable=False),
+    Column("created_index", BigInteger, nullable=False),
+    Column("modify_index", BigInteger, nullable=False),
+    Column("registered_at", Float, nullable=False),  # Unix time, seconds
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("service_code", "host_key", "port", "protocol", name="uq_instances_registration_key"),
+)
+
+clients = Table(
+    "clients",
+    metadata,
+    Column("common_name", String(128), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("services", Text, nullable=False),  # JSON array of service codes, "*" for all
+    Column("secret_hash", String(255), nullable=False),  # never the secret itself
+    Column("created_at", Float, nullable=False),
+)

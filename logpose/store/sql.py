@@ -1,0 +1,299 @@
+"""The SQLAlchemy store: one class for SQLite (aiosqlite) and PostgreSQL (asyncpg)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from logpose.errors import ConfigError, ConflictError, StoreUnavailableError
+from logpose.log import store_log
+from logpose.model import (
+    Address,
+    AddressKind,
+    Check,
+    CheckType,
+    ClientRecord,
+    Health,
+    Instance,
+    Protocol,
+    Service,
+)
+from logpose.registry import CatalogSnapshot, CatalogWrite
+from logpose.store import schema
+
+MIGRATIONS_PATH = Path(__file__).with_name("migrations")
+DATABASE_FILE_NAME = "logpose.db"
+
+
+def database_url_for(data_dir: Path, database_url: str | None) -> str:
+    """Return the SQLAlchemy async URL: the given one with its async driver, or SQLite in ``data_dir``."""
+    if not database_url:
+        return f"sqlite+aiosqlite:///{(data_dir / DATABASE_FILE_NAME).resolve()}"
+    try:
+        url = make_url(database_url)
+    except ArgumentError as exc:
+        raise ConfigError(f"database_url: {database_url!r} is not a database URL ({exc})") from exc
+    drivers = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg"}
+    if url.drivername in drivers:
+        url = url.set(drivername=drivers[url.drivername])
+    if url.drivername not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+        raise ConfigError(
+            f"database_url: driver {url.drivername!r} is not supported; "
+            "use sqlite:///PATH or postgresql://USER@HOST/DB"
+        )
+    return url.render_as_string(hide_password=False)
+
+
+class SqlStore:
+    """Catalog persistence; every ``commit`` is one transaction, durable when it returns.
+
+    SQLite runs in WAL mode with ``synchronous=FULL`` on every connection, so a
+    committed write survives power loss and not only a killed process.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._engine: AsyncEngine | None = None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self._url.startswith("sqlite")
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for logs."""
+        return make_url(self._url).render_as_string(hide_password=True)
+
+    async def open(self) -> None:
+        """Connect and bring the schema to the newest migration."""
+        try:
+            self._engine = create_async_engine(self._url, pool_pre_ping=not self.is_sqlite)
+        except (NoSuchModuleError, ModuleNotFoundError) as exc:
+            raise ConfigError(f"database_url: the driver for {self.safe_url} is not installed ({exc})") from exc
+        if self.is_sqlite:
+            event.listen(self._engine.sync_engine, "connect", _configure_sqlite_connection)
+        try:
+            async with self._engine.begin() as connection:
+                await connection.run_sync(_upgrade_schema)
+        except (SQLAlchemyError, OSError) as exc:
+            await self._engine.dispose()
+            raise StoreUnavailableError(f"cannot open database {self.safe_url}: {_describe(exc)}") from exc
+        store_log.info("Opened database %s", self.safe_url)
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+            store_log.info("Closed database %s", self.safe_url)
+
+    # ----- catalog -------------------------------------------------------
+
+    async def load(self) -> CatalogSnapshot:
+        async with self._connect() as connection:
+            index = (await connection.execute(sa.select(schema.catalog_state.c.change_index))).scalar() or 0
+            service_rows = (await connection.execute(sa.select(schema.services))).mappings().all()
+            instance_rows = (
+                await connection.execute(sa.select(schema.instances).order_by(schema.instances.c.created_index))
+            ).mappings().all()
+        services = [
+            Service(row["code"], row["name"], row["created_index"], row["modify_index"]) for row in service_rows
+        ]
+        instances = [_instance_from_row(row) for row in instance_rows]
+        store_log.info("Loaded %d service(s) and %d instance(s) at index %d", len(services), len(instances), index)
+        return CatalogSnapshot(services, instances, index)
+
+    async def commit(self, write: CatalogWrite) -> None:
+        """Commit ``write`` in one transaction; raise StoreUnavailableError or ConflictError."""
+        async with self._transaction() as connection:
+            for code in write.delete_services:
+                await connection.execute(sa.delete(schema.instances).where(schema.instances.c.service_code == code))
+                await connection.execute(sa.delete(schema.services).where(schema.services.c.code == code))
+            if write.delete_instances:
+                await connection.execute(
+                    sa.delete(schema.instances).where(schema.instances.c.id.in_(write.delete_instances))
+                )
+            for service in write.upsert_services:
+                await self._upsert(connection, schema.services, "code", _service_row(service))
+            for instance in write.upsert_instances:
+                await self._upsert(connection, schema.instances, "id", _instance_row(instance))
+            for update in write.health_updates:
+                await connection.execute(
+                    sa.update(schema.instances)
+                    .where(schema.instances.c.id == update.instance_id)
+                    .values(health=update.health.value, output=update.output, updated_at=update.updated_at)
+                )
+            await self._set_index(connection, write.index)
+
+    async def _upsert(self, connection: Any, table: sa.Table, key: str, row: dict[str, Any]) -> None:
+        updated = await connection.execute(sa.update(table).where(table.c[key] == row[key]).values(**row))
+        if updated.rowcount == 0:
+            await connection.execute(sa.insert(table).values(**row))
+
+    async def _set_index(self, connection: Any, index: int) -> None:
+        # max() keeps the stored index from going back when a late health flush
+        # carries an index older than a catalog write committed meanwhile.
+        updated = await connection.execute(
+            sa.update(schema.catalog_state)
+            .where(schema.catalog_state.c.id == 1)
+            .values(change_index=sa.func.max(schema.catalog_state.c.change_index, index)
+                    if self.is_sqlite else sa.func.greatest(schema.catalog_state.c.change_index, index))
+        )
+        if updated.rowcount == 0:
+            await connection.execute(sa.insert(schema.catalog_state).values(id=1, change_index=index))
+
+    # ----- clients -------------------------------------------------------
+
+    async def get_client(self, common_name: str) -> ClientRecord | None:
+        async with self._connect() as connection:
+            row = (
+                await connection.execute(sa.select(schema.clients).where(schema.clients.c.common_name == common_name))
+            ).mappings().first()
+        return _client_from_row(row) if row else None
+
+    async def list_clients(self) -> list[ClientRecord]:
+        async with self._connect() as connection:
+            rows = (await connection.execute(sa.select(schema.clients).order_by(schema.clients.c.common_name))).mappings().all()
+        return [_client_from_row(row) for row in rows]
+
+    async def create_client(self, client: ClientRecord) -> None:
+        async with self._transaction() as connection:
+            await connection.execute(
+                sa.insert(schema.clients).values(
+                    common_name=client.common_name,
+                    role=client.role,
+                    services=json.dumps(list(client.services)),
+                    secret_hash=client.secret_hash,
+                    created_at=client.created_at or time.time(),
+                )
+            )
+
+    # ----- connections and error mapping ------------------------------------
+
+    def _connect(self) -> "_Guarded":
+        return _Guarded(self, transactional=False)
+
+    def _transaction(self) -> "_Guarded":
+        return _Guarded(self, transactional=True)
+
+
+class _Guarded:
+    """A connection context that maps database errors to LogPose errors at the boundary."""
+
+    def __init__(self, store: SqlStore, *, transactional: bool) -> None:
+        self._store = store
+        self._transactional = transactional
+        self._context: Any = None
+
+    async def __aenter__(self) -> Any:
+        engine = self._store._engine
+        if engine is None:
+            raise StoreUnavailableError("the database is not open")
+        self._context = engine.begin() if self._transactional else engine.connect()
+        try:
+            return await self._context.__aenter__()
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreUnavailableError(f"cannot reach database {self._store.safe_url}: {_describe(exc)}") from exc
+
+    async def __aexit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        try:
+            await self._context.__aexit__(exc_type, exc, traceback)
+        except IntegrityError as error:
+            raise ConflictError(f"the write conflicts with the stored catalog: {_describe(error)}") from error
+        except (SQLAlchemyError, OSError) as error:
+            raise StoreUnavailableError(f"database write failed: {_describe(error)}") from error
+        if isinstance(exc, IntegrityError):
+            raise ConflictError(f"the write conflicts with the stored catalog: {_describe(exc)}") from exc
+        if isinstance(exc, (DBAPIError, SQLAlchemyError, OSError)):
+            raise StoreUnavailableError(f"database operation failed: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    original = getattr(exc, "orig", None)
+    return str(original or exc).splitlines()[0]
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")  # milliseconds
+    cursor.close()
+
+
+def _upgrade_schema(connection: Any) -> None:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS_PATH))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _service_row(service: Service) -> dict[str, Any]:
+    return {
+        "code": service.code,
+        "name": service.name,
+        "created_index": service.created_index,
+        "modify_index": service.modify_index,
+    }
+
+
+def _instance_row(instance: Instance) -> dict[str, Any]:
+    return {
+        "id": instance.id,
+        "service_code": instance.service,
+        "host": instance.address.host,
+        "host_key": instance.address.normalized_host,
+        "port": instance.address.port,
+        "address_kind": instance.address.kind.value,
+        "protocol": instance.protocol.value,
+        "check_type": instance.check.type.value,
+        "check_ttl": instance.check.ttl,
+        "tags": json.dumps(list(instance.tags)),
+        "metadata": json.dumps(dict(instance.metadata)),
+        "weight": instance.weight,
+        "health": instance.health.value,
+        "output": instance.output,
+        "created_index": instance.created_index,
+        "modify_index": instance.modify_index,
+        "registered_at": instance.registered_at,
+        "updated_at": instance.updated_at,
+    }
+
+
+def _instance_from_row(row: Any) -> Instance:
+    return Instance(
+        id=row["id"],
+        service=row["service_code"],
+        address=Address(row["host"], row["port"], AddressKind(row["address_kind"])),
+        protocol=Protocol(row["protocol"]),
+        health=Health(row["health"]),
+        check=Check(CheckType(row["check_type"]), row["check_ttl"]),
+        tags=tuple(json.loads(row["tags"])),
+        metadata=json.loads(row["metadata"]),
+        weight=row["weight"],
+        output=row["output"],
+        created_index=row["created_index"],
+        modify_index=row["modify_index"],
+        registered_at=row["registered_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _client_from_row(row: Any) -> ClientRecord:
+    return ClientRecord(
+        common_name=row["common_name"],
+        role=row["role"],
+        services=tuple(json.loads(row["services"])),
+        secret_hash=row["secret_hash"],
+        created_at=row["created_at"],
+    )
