@@ -31,8 +31,9 @@ def http_ids(api, code: str) -> set[str]:
     return {item["id"] for item in api.get(f"/api/discover/{code}").json()}
 
 
-def register(api, code: str, address: str, protocol: str = "Http") -> dict:
-    answer = api.post(f"/api/services/{code}/instances", json={"address": address, "protocol": protocol})
+def register(api, code: str, address: str, protocol: str = "Http", check: str = "tcp") -> dict:
+    body = {"address": address, "protocol": protocol, "check": {"type": check}}
+    answer = api.post(f"/api/services/{code}/instances", json=body)
     assert answer.status_code in (200, 201), answer.text
     return answer.json()
 
@@ -159,7 +160,7 @@ def test_registry_survives_restart(server_factory, tcp_listener):
 def test_acknowledged_registrations_survive_kill9(server_factory):
     server = server_factory()
     with server.client() as api:
-        ids = {register(api, "durable", f"10.0.0.{number}:8080", "Tcp")["id"] for number in range(1, 21)}
+        ids = {register(api, "durable", f"10.0.0.{number}:8080", "Tcp", check="none")["id"] for number in range(1, 21)}
         api.post("/api/services", json={"code": "empty-svc", "name": "Empty"})
     server.kill()
     server.start()

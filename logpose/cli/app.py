@@ -129,7 +129,7 @@ def configure(
         str, typer.Option("--output", "-o", metavar="table|json", help="Output format.")
     ] = OutputFormat.TABLE.value,
     timeout: Annotated[
-        str, typer.Option("--timeout", metavar="SECONDS", help="Seconds to wait to connect and for each answer.")
+        str, typer.Option("--timeout", metavar="SECONDS", help="Seconds to wait to connect and for each response.")
     ] = "10",
     version: Annotated[
         bool,
@@ -339,11 +339,11 @@ def token(ctx: typer.Context) -> None:
         raise InvalidUsageError(
             "token needs --common-name with --secret-file (or LOGPOSE_COMMON_NAME and LOGPOSE_SECRET_FILE)"
         )
-    answer = _issue_token(settings)
+    token_response = _issue_token(settings)
     if settings.output is OutputFormat.JSON:
-        _print_json(answer)
+        _print_json(token_response)
     else:
-        typer.echo(answer["access_token"])
+        typer.echo(token_response["access_token"])
 
 
 # Input checks
@@ -499,7 +499,7 @@ def _connect(ctx: typer.Context) -> LogPoseClient:
 
 
 def _issue_token(settings: Settings) -> dict[str, Any]:
-    """Obtain a token with --common-name and --secret-file; return the server's whole answer."""
+    """Obtain a token with --common-name and --secret-file and return the whole response body."""
     if not settings.common_name:
         raise InvalidUsageError(f"{MISSING_CREDENTIALS} (--secret-file is given without --common-name)")
     if settings.secret_file is None:
@@ -508,15 +508,15 @@ def _issue_token(settings: Settings) -> dict[str, Any]:
 
     with LogPoseClient(settings.server, timeout=settings.timeout) as client:
         try:
-            answer = client.issue_token(settings.common_name, secret)
+            token_response = client.issue_token(settings.common_name, secret)
         except ApiError as exc:
             if exc.status == httpx.codes.UNAUTHORIZED:
                 raise ApiError(f"{exc.detail}; check --common-name and --secret-file", exc.status) from exc
             raise
 
-    if not isinstance(answer, dict) or not isinstance(answer.get("access_token"), str):
-        raise ApiError(f"the answer to POST {settings.server}/api/auth/token has no access_token")
-    return answer
+    if not isinstance(token_response, dict) or not isinstance(token_response.get("access_token"), str):
+        raise ApiError(f"the response to POST {settings.server}/api/auth/token has no access_token")
+    return token_response
 
 
 def _read_secret(path: Path) -> str:
@@ -536,8 +536,8 @@ def _read_secret(path: Path) -> str:
 # Characters that could move the cursor or recolour the terminal if a server
 # value contains them: C0 and C1 controls and DEL.
 _CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-# json.dumps(ensure_ascii=False) escapes only C0 controls; these may appear only
-# inside JSON strings, so escaping them as \uXXXX keeps the JSON equal.
+# json.dumps(ensure_ascii=False) escapes C0 controls but not these. They can occur
+# only inside JSON strings, so a \uXXXX escape leaves the decoded value unchanged.
 _UNESCAPED_JSON_CONTROLS = re.compile(r"[\x7f-\x9f]")
 
 

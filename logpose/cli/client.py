@@ -1,8 +1,8 @@
 """HTTP client of the LogPose API, as used by ``logpose-command``.
 
-Every failure, whether a transport error or an RFC 9457 problem answer, is
-converted here into :class:`ApiError`, whose message is one line fit for a
-terminal. Callers pass values that are already validated, so this module does
+Every failure, whether a transport error or a problem details response
+(RFC 9457), is converted here into :class:`ApiError`, whose message is one line
+fit for a terminal. Callers pass values that are already validated, so this module does
 no domain validation of its own.
 """
 
@@ -16,13 +16,12 @@ import httpx
 from logpose import __version__
 from logpose.errors import LogPoseError
 
-# Problem details carry the reason in "detail"; messages longer than this are cut
-# so that one bad answer cannot flood the terminal.
+# Messages longer than this are cut, so that one odd response cannot flood the terminal.
 MAX_MESSAGE_LENGTH = 1000
 
 
 class ApiError(LogPoseError):
-    """A request that failed; ``status`` is the HTTP status, or None when no answer came."""
+    """A request that failed; ``status`` is the HTTP status, or None when no response arrived."""
 
     def __init__(self, detail: str, status: int | None = None) -> None:
         super().__init__(_one_line(detail))
@@ -32,10 +31,10 @@ class ApiError(LogPoseError):
 class LogPoseClient:
     """Synchronous client of one LogPose server.
 
-    ``base_url`` is the server's root (``http://127.0.0.1:8470``); ``token`` is
-    sent as a bearer token when given; ``timeout`` is in seconds and applies to
-    connecting and to each read. Use it as a context manager, or call
-    :meth:`close`, to release the connection pool.
+    ``base_url`` is the server's root, like ``http://127.0.0.1:8470``. When
+    ``token`` is given, it is sent as a bearer token. ``timeout`` is in seconds
+    and applies to connecting and to each read. Use the client as a context
+    manager, or call :meth:`close`, to release the connection pool.
     """
 
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 10.0) -> None:
@@ -138,7 +137,7 @@ class LogPoseClient:
             return response.json()
         except ValueError as exc:
             raise ApiError(
-                f"invalid JSON in the answer to {response.request.method} {response.request.url} "
+                f"invalid JSON in the response to {response.request.method} {response.request.url} "
                 f"(HTTP {response.status_code}); is {self.base_url} a LogPose server?",
                 status=response.status_code,
             ) from exc
@@ -150,7 +149,7 @@ def _segment(value: str) -> str:
 
 
 def _problem_message(response: httpx.Response, method: str, url: str) -> str:
-    """Build one line from a problem+json answer, or from the status when there is none.
+    """Build one line from a problem+json body, or from the status when there is none.
 
     Validation problems list each field in ``errors``; entries that ``detail``
     does not already contain are appended to it.

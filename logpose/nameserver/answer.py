@@ -338,7 +338,7 @@ class Responder:
         kind = node.kind
         if kind is _NodeKind.APEX:
             if qtype == QTYPE.SOA:
-                self._add(answer, self._soa_record(owner, self._settings.ttl))
+                self._add(answer, self._soa_record(owner))
             elif qtype == QTYPE.NS:
                 glue = [self._address_record(self._nameserver, ipaddress.ip_address(address))
                         for address in self._settings.ns_addresses]
@@ -409,15 +409,17 @@ class Responder:
             return RR(owner, QTYPE.A, ttl=self._settings.ttl, rdata=A(tuple(ip.packed)))
         return RR(owner, QTYPE.AAAA, ttl=self._settings.ttl, rdata=AAAA(tuple(ip.packed)))
 
-    def _soa_record(self, owner: DNSLabel, ttl: int) -> RR:
+    def _soa_record(self, owner: DNSLabel) -> RR:
+        # Both the record's TTL and MINIMUM are the negative TTL: resolvers cache a
+        # negative answer for the smaller of the two (RFC 2308 §5).
         times = (
             self._registry.index % 2**32,
             SOA_REFRESH,
             SOA_RETRY,
             SOA_EXPIRE,
-            self._settings.negative_ttl,  # MINIMUM: the negative-caching TTL (RFC 2308 §4)
+            self._settings.negative_ttl,
         )
-        return RR(owner, QTYPE.SOA, ttl=ttl, rdata=SOA(self._nameserver, self._hostmaster, times))
+        return RR(owner, QTYPE.SOA, ttl=self._settings.negative_ttl, rdata=SOA(self._nameserver, self._hostmaster, times))
 
     # ----- errors and encoding -------------------------------------------
 
@@ -429,8 +431,8 @@ class Responder:
             self._log_failure(request, error, peer)
         answer = _Answer(rcode=code.rcode, authoritative=code.authoritative)
         if code.authoritative:
-            # The negative answer's SOA: its TTL and MINIMUM both are the negative TTL (RFC 2308 §3).
-            answer.authority.append(self._soa_record(self._apex, self._settings.negative_ttl))
+            # RFC 2308 §3: a negative answer carries the zone's SOA in the authority section.
+            answer.authority.append(self._soa_record(self._apex))
         return answer
 
     def _log_failure(self, request: _Request, error: Exception, peer: str) -> None:
@@ -511,7 +513,7 @@ class Responder:
                     flags="do" if request.edns.edns_do else "",
                 )
             )
-        return message.pack()
+        return bytes(message.pack())
 
 
 def _largest_fitting(total: int, pack: Callable[[int], bytes], limit: int) -> bytes:

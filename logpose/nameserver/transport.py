@@ -1,0 +1,248 @@
+"""DNS over UDP and TCP (RFC 1035 §4.2, RFC 7766) in front of a ``Responder``."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+from typing import Any
+
+from logpose.errors import ConfigError
+from logpose.log import dns_log
+from logpose.nameserver.answer import Responder
+
+# Tries at binding TCP to the port the kernel picked for UDP when port 0 was asked.
+PORT_PICK_ATTEMPTS = 5
+
+
+class DnsServer:
+    """UDP and TCP listeners on each (host, port), answering with ``responder``.
+
+    Hosts must be IP addresses. Port 0 picks a free port and gives UDP and TCP the same
+    one on that host. An IPv6 listener accepts IPv6 only (IPV6_V6ONLY), so IPv4 needs its
+    own address. A TCP connection may carry many queries, answered in order; it is closed
+    after ``tcp_idle_timeout`` seconds without a complete query or when the client stops
+    reading. Above ``max_tcp_connections`` open connections a new one is closed at once.
+    """
+
+    def __init__(
+        self,
+        responder: Responder,
+        listen: list[tuple[str, int]],
+        *,
+        tcp_idle_timeout: float = 10.0,
+        max_tcp_connections: int = 256,
+    ) -> None:
+        if not listen:
+            raise ConfigError("dns_listen must name at least one host:port")
+        for host, port in listen:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(f"dns_listen host {host!r} must be an IPv4 or IPv6 address") from None
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"dns_listen port {port} of {host} must be from 0 to 65535")
+        if tcp_idle_timeout <= 0:
+            raise ConfigError(f"tcp_idle_timeout must be more than 0 seconds, got {tcp_idle_timeout}")
+        if max_tcp_connections < 1:
+            raise ConfigError(f"max_tcp_connections must be at least 1, got {max_tcp_connections}")
+        self._responder = responder
+        self._listen = list(listen)
+        self._tcp_idle_timeout = tcp_idle_timeout
+        self._max_tcp_connections = max_tcp_connections
+        self._udp_transports: list[asyncio.DatagramTransport] = []
+        self._tcp_servers: list[asyncio.Server] = []
+        # Strong references to the running connection handlers, so close() can cancel them.
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._rejected_connections = 0
+        self.bound_addresses: list[tuple[str, int]] = []
+
+    async def start(self) -> None:
+        """Bind UDP and TCP on every listen address; on failure close what was bound and raise OSError."""
+        try:
+            for host, port in self._listen:
+                await self._bind(host, port)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop listening, close open TCP connections and wait for their handlers to end."""
+        for transport in self._udp_transports:
+            transport.close()
+        for server in self._tcp_servers:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.gather(*self._connections, return_exceptions=True)
+        for server in self._tcp_servers:
+            await server.wait_closed()
+        self._udp_transports.clear()
+        self._tcp_servers.clear()
+        self.bound_addresses.clear()
+
+    # ----- binding --------------------------------------------------------
+
+    async def _bind(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        attempts = PORT_PICK_ATTEMPTS if port == 0 else 1
+        for attempt in range(1, attempts + 1):
+            udp_socket = _bound_socket(family, socket.SOCK_DGRAM, host, port)
+            bound_port = udp_socket.getsockname()[1]
+            try:
+                tcp_socket = _bound_socket(family, socket.SOCK_STREAM, host, bound_port)
+            except OSError as exc:
+                udp_socket.close()
+                if port != 0 or exc.errno != errno.EADDRINUSE or attempt == attempts:
+                    raise
+                dns_log.info("TCP port %d on %s is taken, picking another port for UDP and TCP", bound_port, host)
+                continue
+            break
+
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self._responder), sock=udp_socket
+            )
+        except BaseException:
+            udp_socket.close()
+            tcp_socket.close()
+            raise
+        self._udp_transports.append(transport)
+        try:
+            server = await asyncio.start_server(self._accept, sock=tcp_socket)
+        except BaseException:
+            tcp_socket.close()
+            raise
+        self._tcp_servers.append(server)
+
+        self.bound_addresses.append((host, bound_port))
+        shown = _format_peer((host, bound_port))
+        dns_log.info("DNS listening on udp %s", shown)
+        dns_log.info("DNS listening on tcp %s", shown)
+
+    # ----- TCP ------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = _format_peer(writer.get_extra_info("peername"))
+        if len(self._connections) >= self._max_tcp_connections:
+            # Logged when the limit is first reached, then as a count when it clears,
+            # so a flood of connections does not flood the log.
+            if self._rejected_connections == 0:
+                dns_log.warning(
+                    "Closed TCP connection from %s: %d connections are open, the limit",
+                    peer, len(self._connections),
+                )
+            self._rejected_connections += 1
+            writer.close()
+            return
+        if self._rejected_connections:
+            dns_log.warning("Closed %d TCP connection(s) at the connection limit", self._rejected_connections)
+            self._rejected_connections = 0
+
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._serve_connection(reader, writer, peer)
+        except asyncio.CancelledError:
+            # close() cancels the handler. Ending it normally keeps asyncio (3.11) from
+            # logging the cancellation as an unhandled error of the connection callback.
+            pass
+        except Exception:
+            dns_log.exception("TCP connection from %s failed", peer)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+        # Each message has a 2-byte length prefix (RFC 1035 §4.2.2). Queries are answered
+        # one after another, which RFC 7766 §6.2.1.1 allows for pipelined queries.
+        timeout = self._tcp_idle_timeout
+        while True:
+            try:
+                prefix = await asyncio.wait_for(reader.readexactly(2), timeout)
+                message = await asyncio.wait_for(reader.readexactly(int.from_bytes(prefix, "big")), timeout)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    dns_log.debug("TCP connection from %s closed in the middle of a message", peer)
+                return
+            except TimeoutError:
+                dns_log.debug("Closed TCP connection from %s after %.1f s without a query", peer, timeout)
+                return
+            except OSError as exc:
+                dns_log.debug("TCP connection from %s failed while reading: %s", peer, exc)
+                return
+
+            reply = self._responder.respond(message, "tcp", peer)
+            if reply is None:
+                # Not even a header to answer, so the stream may be out of step: end it.
+                dns_log.debug("Closed TCP connection from %s after a message that got no answer", peer)
+                return
+            try:
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await asyncio.wait_for(writer.drain(), timeout)
+            except TimeoutError:
+                dns_log.debug("Closed TCP connection from %s: it read no answer for %.1f s", peer, timeout)
+                return
+            except OSError as exc:
+                dns_log.debug("TCP connection from %s failed while writing: %s", peer, exc)
+                return
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, responder: Responder) -> None:
+        self._responder = responder
+        self._transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self._transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        peer = _format_peer(addr)
+        try:
+            reply = self._responder.respond(data, "udp", peer)
+        except Exception:
+            # respond() answers bad input itself, so this is a bug; one datagram must
+            # not stop the listener.
+            dns_log.exception("Failed to answer a UDP message from %s", peer)
+            return
+        if reply is not None and self._transport is not None:
+            self._transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # Mostly ICMP port unreachable for an answer to a client that already left.
+        if dns_log.isEnabledFor(logging.DEBUG):
+            dns_log.debug("UDP socket error: %s", exc)
+
+
+def _bound_socket(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> socket.socket:
+    """Return a non-blocking socket bound to (host, port); raise OSError naming the address."""
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            # Lets a restarted server bind while old connections sit in TIME_WAIT. Not set
+            # for UDP, where it would let a second process share the port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        protocol = "UDP" if kind == socket.SOCK_DGRAM else "TCP"
+        raise OSError(exc.errno, f"cannot bind DNS {protocol} to {_format_peer((host, port))}: {exc.strerror}") from exc
+    return sock
+
+
+def _format_peer(address: Any) -> str:
+    if not isinstance(address, tuple) or len(address) < 2:
+        return str(address)
+    host, port = address[0], address[1]
+    if ":" in str(host):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
