@@ -942,6 +942,14 @@ def test_invalid_json_response(cli, server):
     assert_one_error_line(result, 1, "invalid JSON in the response to GET")
 
 
+def test_unexpected_response_shape_is_one_line(cli, server):
+    server.queue(QueuedResponse(200, "[1, 2]", content_type="application/json"))
+
+    result = cli("service", "show", "billing")
+
+    assert_one_error_line(result, 1, "unexpected AttributeError")
+
+
 # Bad command lines fail before any request
 
 

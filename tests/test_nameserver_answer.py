@@ -35,8 +35,6 @@ TCP_1 = "88888888-8888-4888-8888-888888888888"  # v4only: 10.1.0.1:5432 Tcp
 UDP_1 = "99999999-9999-4999-8999-999999999999"  # udp-svc: 10.2.0.1:514 Udp
 DOWN_1 = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"  # down: 10.3.0.1 Unhealthy only
 
-AUTH_HEALTHY = {HTTP_1, HTTP_2, GRPC_1, HTTP_V6, HTTPS_HOST}
-
 
 def make_instance(
     instance_id: str,
@@ -142,7 +140,7 @@ def assert_negative(response: dns.message.Message, rcode: int) -> None:
 @pytest.mark.parametrize(
     ("name", "rdtype", "expected"),
     [
-        # 10.0.0.1 is shared by HTTP_1 and GRPC_1 and comes once; the hostname instance is left out.
+        # 10.0.0.1 is shared by HTTP_1 and GRPC_1 and comes once. The hostname instance is left out.
         (f"auth-svc.{ZONE}", "A", {"10.0.0.1", "10.0.0.2"}),
         (f"auth-svc.{ZONE}", "AAAA", {"2001:db8::1"}),
         (f"v4only.{ZONE}", "A", {"10.1.0.1"}),
@@ -466,7 +464,7 @@ def big_service_instances(count: int, code: str = "big") -> list[Instance]:
 
 
 def test_udp_without_edns_drops_additional_first():
-    # Five SRV records (about 80 bytes each) fit in 512 bytes; their five AAAA records do not.
+    # Five SRV records (about 80 bytes each) fit in 512 bytes, but their five AAAA records do not.
     responder = make_responder(make_registry(big_service_instances(5)))
 
     response = ask(responder, f"big.{ZONE}", "SRV")
@@ -608,8 +606,8 @@ def test_dropped_without_answer(responder, wire):
 def pointer_chain_message(length: int) -> bytes:
     """Return a query whose additional record's owner is a chain of ``length`` compression pointers."""
     start = header(arcount=2) + QUESTION
-    # The first additional record is of an unassigned type; its RDATA holds the chain,
-    # each pointer aiming at the one before it, the first at the question name.
+    # The first additional record is of an unassigned type, and its RDATA contains the
+    # chain: each pointer aims at the one before it, the first at the question name.
     rdata_offset = len(start) + 1 + 10
     chain = bytearray(struct.pack("!H", 0xC000 | 12))
     for position in range(1, length):

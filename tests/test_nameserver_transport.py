@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import struct
@@ -20,7 +21,7 @@ from logpose.nameserver import DnsServer, Responder, ZoneSettings
 from logpose.registry import CatalogSnapshot, Registry
 
 ZONE = "logpose.internal"
-TIMEOUT = 3.0  # seconds for each query; everything runs on loopback
+TIMEOUT = 3.0  # seconds per query, which is plenty on loopback
 
 
 def make_registry() -> Registry:
@@ -51,23 +52,41 @@ def make_registry() -> Registry:
     return registry
 
 
-def run_with_server(
-    test: Callable[[DnsServer], Awaitable[None]],
-    listen: list[tuple[str, int]] | None = None,
-    **server_options,
-) -> None:
-    """Start a DnsServer on loopback port 0, run ``test`` against it, then close it."""
+LOOP_FACTORIES = {"asyncio": asyncio.new_event_loop}
+try:
+    import uvloop
+except ImportError:  # uvloop is optional (it has no Windows wheels), so only the asyncio loop runs
+    pass
+else:
+    LOOP_FACTORIES["uvloop"] = uvloop.new_event_loop
 
-    async def main() -> None:
-        responder = Responder(make_registry(), ZoneSettings(ns_addresses=["127.0.0.1"]))
-        server = DnsServer(responder, listen or [("127.0.0.1", 0)], **server_options)
-        await server.start()
-        try:
-            await asyncio.wait_for(test(server), 30)
-        finally:
-            await server.close()
 
-    asyncio.run(main())
+@pytest.fixture(params=sorted(LOOP_FACTORIES))
+def run_with_server(request):
+    """Return a function that starts a DnsServer on loopback port 0, runs a test coroutine against it, then closes it.
+
+    Each test runs once per event loop the server may be run on.
+    """
+    loop_factory = LOOP_FACTORIES[request.param]
+
+    def run(
+        test: Callable[[DnsServer], Awaitable[None]],
+        listen: list[tuple[str, int]] | None = None,
+        **server_options,
+    ) -> None:
+        async def main() -> None:
+            responder = Responder(make_registry(), ZoneSettings(ns_addresses=["127.0.0.1"]))
+            server = DnsServer(responder, listen or [("127.0.0.1", 0)], **server_options)
+            await server.start()
+            try:
+                await asyncio.wait_for(test(server), 30)
+            finally:
+                await server.close()
+
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main())
+
+    return run
 
 
 def ipv6_loopback_available() -> bool:
@@ -98,7 +117,7 @@ async def send_udp_raw(host: str, port: int, payload: bytes) -> None:
     transport.close()
 
 
-def test_udp_and_tcp_share_picked_port():
+def test_udp_and_tcp_share_picked_port(run_with_server):
     async def check(server: DnsServer) -> None:
         [(host, port)] = server.bound_addresses
         query = dns.message.make_query(f"auth-svc.{ZONE}", "A")
@@ -115,7 +134,7 @@ def test_udp_and_tcp_share_picked_port():
     run_with_server(check)
 
 
-def test_ipv6_loopback():
+def test_ipv6_loopback(run_with_server):
     if not ipv6_loopback_available():
         pytest.skip("IPv6 loopback ::1 cannot be bound on this host")
 
@@ -132,7 +151,7 @@ def test_ipv6_loopback():
     run_with_server(check, listen=[("127.0.0.1", 0), ("::1", 0)])
 
 
-def test_listening_addresses_logged(caplog):
+def test_listening_addresses_logged(caplog, run_with_server):
     caplog.set_level(logging.INFO, logger="logpose.dns")
     bound = []
 
@@ -147,7 +166,7 @@ def test_listening_addresses_logged(caplog):
     assert f"DNS listening on tcp {host}:{port}" in messages
 
 
-def test_tcp_pipelined_queries():
+def test_tcp_pipelined_queries(run_with_server):
     async def check(server: DnsServer) -> None:
         [(host, port)] = server.bound_addresses
         queries = [
@@ -176,7 +195,7 @@ def test_tcp_pipelined_queries():
     run_with_server(check)
 
 
-def test_truncated_udp_then_full_tcp():
+def test_truncated_udp_then_full_tcp(run_with_server):
     async def check(server: DnsServer) -> None:
         [(host, port)] = server.bound_addresses
         query = dns.message.make_query(f"big.{ZONE}", "SRV")
@@ -193,7 +212,7 @@ def test_truncated_udp_then_full_tcp():
     run_with_server(check)
 
 
-def test_udp_garbage_then_good_query():
+def test_udp_garbage_then_good_query(run_with_server):
     async def check(server: DnsServer) -> None:
         [(host, port)] = server.bound_addresses
         garbage = [
@@ -201,7 +220,7 @@ def test_udp_garbage_then_good_query():
             b"\x00",
             b"\xff" * 11,
             b"\x12\x34" + b"\xff" * 600,
-            b"\x12\x34\x81\x00" + b"\x00" * 8,  # a response: never answered
+            b"\x12\x34\x81\x00" + b"\x00" * 8,  # QR set: dropped without a response
             b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01",  # pointer loop
         ]
         for payload in garbage:
@@ -216,7 +235,7 @@ def test_udp_garbage_then_good_query():
     run_with_server(check)
 
 
-def test_udp_formerr_reply_for_readable_header():
+def test_udp_formerr_reply_for_readable_header(run_with_server):
     async def check(server: DnsServer) -> None:
         [(host, port)] = server.bound_addresses
         loop = asyncio.get_running_loop()
@@ -241,7 +260,7 @@ def test_udp_formerr_reply_for_readable_header():
     run_with_server(check)
 
 
-def test_tcp_garbage_then_good_query_same_connection():
+def test_tcp_garbage_then_good_query_same_connection(run_with_server):
     async def check(server: DnsServer) -> None:
         [(host, port)] = server.bound_addresses
         garbage = b"\x43\x21\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x3fabc"
@@ -263,7 +282,7 @@ def test_tcp_garbage_then_good_query_same_connection():
     run_with_server(check)
 
 
-def test_tcp_message_without_header_closes_connection():
+def test_tcp_message_without_header_closes_connection(run_with_server):
     async def check(server: DnsServer) -> None:
         [(host, port)] = server.bound_addresses
         reader, writer = await asyncio.open_connection(host, port)
@@ -282,7 +301,7 @@ def test_tcp_message_without_header_closes_connection():
     run_with_server(check)
 
 
-def test_tcp_idle_connection_closed():
+def test_tcp_idle_connection_closed(run_with_server):
     async def check(server: DnsServer) -> None:
         [(host, port)] = server.bound_addresses
         reader, writer = await asyncio.open_connection(host, port)
@@ -296,7 +315,7 @@ def test_tcp_idle_connection_closed():
     run_with_server(check, tcp_idle_timeout=0.2)
 
 
-def test_tcp_connection_limit(caplog):
+def test_tcp_connection_limit(caplog, run_with_server):
     async def check(server: DnsServer) -> None:
         [(host, port)] = server.bound_addresses
         first = await asyncio.open_connection(host, port)
@@ -321,13 +340,21 @@ def test_tcp_connection_limit(caplog):
     assert any("limit" in message for message in warnings)
 
 
-def test_close_releases_ports():
+def test_close_ends_connections_and_releases_ports(run_with_server):
     ports = []
 
     async def check(server: DnsServer) -> None:
-        ports.extend(port for _, port in server.bound_addresses)
-        # An open connection must not keep close() waiting.
-        await asyncio.open_connection("127.0.0.1", ports[0])
+        [(host, port)] = server.bound_addresses
+        ports.append(port)
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            await asyncio.wait_for(server.close(), TIMEOUT)
+            rest = await asyncio.wait_for(reader.read(), TIMEOUT)
+        finally:
+            writer.close()
+
+        assert rest == b""
+        assert server.bound_addresses == []
 
     run_with_server(check)
 
@@ -337,6 +364,42 @@ def test_close_releases_ports():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         tcp.bind(("127.0.0.1", port))
+
+
+def test_port_zero_retries_when_tcp_port_taken(monkeypatch, caplog):
+    # The kernel picks the UDP port, and the same TCP port may be in use by someone else.
+    # The first TCP bind is made to fail that way to show that another port is picked.
+    from logpose.nameserver import transport
+
+    real_bound_socket = transport._bound_socket
+    failed_ports = []
+
+    def bound_socket(family, kind, host, port):
+        if kind == socket.SOCK_STREAM and not failed_ports:
+            failed_ports.append(port)
+            raise OSError(errno.EADDRINUSE, "address already in use (simulated)")
+        return real_bound_socket(family, kind, host, port)
+
+    monkeypatch.setattr(transport, "_bound_socket", bound_socket)
+    caplog.set_level(logging.INFO, logger="logpose.dns")
+
+    async def main() -> int:
+        server = DnsServer(Responder(make_registry(), ZoneSettings()), [("127.0.0.1", 0)])
+        await server.start()
+        try:
+            [(host, port)] = server.bound_addresses
+            query = dns.message.make_query(f"auth-svc.{ZONE}", "A")
+            response = await dns.asyncquery.tcp(query, host, port=port, timeout=TIMEOUT)
+            assert response.rcode() == dns.rcode.NOERROR
+            return port
+        finally:
+            await server.close()
+
+    port = asyncio.run(main())
+
+    assert len(failed_ports) == 1
+    assert any("picking another port" in record.getMessage() for record in caplog.records)
+    assert port != 0
 
 
 def test_port_in_use_raises_and_binds_nothing():

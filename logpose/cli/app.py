@@ -673,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except InvalidUsageError as exc:
         _fail(exc.detail, EXIT_USAGE_ERROR)
     except typer.TyperException as exc:
+        # NOTE: click's exceptions derive from typer.TyperException only in typer
+        # releases that bundle click (tested with 0.29.2); older ones need click's own classes.
         _exit_for_click_error(exc)
     except typer.Abort:
         _fail("aborted", EXIT_API_ERROR)

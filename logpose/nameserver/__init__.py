@@ -1,7 +1,7 @@
 """The DNS front end: answers the zone's names from the registry over UDP and TCP.
 
 ``answer`` turns a DNS message into its response without sockets, ``transport``
-carries messages over the network, and ``zone`` holds the zone's settings.
+carries messages over the network, and ``zone`` contains the zone's settings.
 """
 
 from logpose.nameserver.answer import Responder

@@ -18,8 +18,8 @@ whose address goes in the additional section. An SRV target of an instance regis
 by host name is that host name, with no additional record.
 
 Choices where the RFCs leave room:
-- A message with QR set is dropped without an answer, so two servers can never
-  answer each other's answers in a loop.
+- A message with QR set is dropped without a response, so two servers never
+  respond to each other's responses in a loop.
 - ANY gets one RRset that exists at the name: SOA, else A, else AAAA, else SRV
   (RFC 8482 §4.1), or NODATA.
 - AXFR and IXFR are REFUSED: the zone lives in memory and has no secondaries.
@@ -73,7 +73,7 @@ _T = TypeVar("_T")
 
 
 class _QueryError(Exception):
-    """A query that gets no positive answer; ``_rcode_for`` turns it into an RCODE."""
+    """A query that gets no positive answer. ``_rcode_for`` maps it to an RCODE."""
 
 
 class _FormatError(_QueryError):
@@ -103,7 +103,7 @@ class _NoData(_QueryError):
 @dataclass(frozen=True, slots=True)
 class _ResponseCode:
     rcode: int
-    authoritative: bool  # sets AA; a negative authoritative answer carries the SOA
+    authoritative: bool  # sets AA, and a negative authoritative answer carries the SOA
 
 
 def _rcode_for(error: Exception) -> _ResponseCode:
@@ -131,7 +131,7 @@ def _rcode_for(error: Exception) -> _ResponseCode:
 
 @dataclass(slots=True)
 class _Request:
-    """What the response echoes from the query, filled in as far as the query could be read."""
+    """Fields of the query that the response echoes, set as far as the query could be read."""
 
     id: int
     opcode: int
@@ -143,7 +143,7 @@ class _Request:
 
 @dataclass(slots=True)
 class _Answer:
-    """A response's sections; ``additional[i]`` holds the additional records of ``records[i]``."""
+    """A response's sections, where ``additional[i]`` lists the additional records of ``records[i]``."""
 
     rcode: int = RCODE.NOERROR
     authoritative: bool = True
@@ -163,7 +163,7 @@ class _NodeKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class _Node:
-    """A name that exists in the zone; ``instances`` are the healthy ones it publishes."""
+    """A name that exists in the zone, with the healthy instances it publishes."""
 
     kind: _NodeKind
     relative: tuple[bytes, ...]  # lower-case labels below the apex
@@ -177,7 +177,7 @@ class _Node:
 class Responder:
     """Answers DNS queries for one zone from a registry's in-memory catalog.
 
-    Uses only the registry's read methods, so it never waits and never touches the store.
+    Calls only the registry's synchronous read methods, so answering never waits on I/O.
     """
 
     def __init__(self, registry: Registry, settings: ZoneSettings) -> None:
@@ -197,9 +197,9 @@ class Responder:
 
         ``transport`` is "udp" or "tcp" and sets the size limit: a UDP response is cut
         to fit the client's EDNS0 size (512 bytes without EDNS0), a TCP response may use
-        up to 65,535 bytes. ``peer`` only names the client in log lines. Never raises
-        on bad input: a message shorter than a header, or one with QR set, returns None,
-        and anything else unreadable gets FORMERR.
+        up to 65,535 bytes. ``peer`` only names the client in log lines. Bad input
+        raises nothing: a message shorter than a header, or one with QR set, returns
+        None, and anything else unreadable gets FORMERR.
         """
         if transport not in ("udp", "tcp"):
             raise ValueError(f"transport must be 'udp' or 'tcp', got {transport!r}")
@@ -261,21 +261,21 @@ class Responder:
 
         options = [record for record in message.ar if record.rtype == QTYPE.OPT]
         if len(options) > 1:
-            raise _FormatError(f"{len(options)} OPT records; a message has at most one (RFC 6891 §6.1.1)")
+            raise _FormatError(f"{len(options)} OPT records, but a message has at most one (RFC 6891 §6.1.1)")
         if options:
             request.edns = options[0]
         if len(message.questions) != 1:
-            raise _FormatError(f"{len(message.questions)} questions; a query has exactly one")
+            raise _FormatError(f"{len(message.questions)} questions, but a query has exactly one")
         _validate_name(message.questions[0].qname)
         request.question = message.questions[0]
         if request.edns is not None and request.edns.edns_ver != 0:
-            raise _BadEdnsVersion(f"EDNS version {request.edns.edns_ver}; only version 0 is supported")
+            raise _BadEdnsVersion(f"EDNS version {request.edns.edns_ver} is not supported, only version 0")
 
     # ----- finding the answer --------------------------------------------
 
     def _lookup(self, question: DNSQuestion) -> _Answer:
         if question.qclass != CLASS.IN:
-            raise _Refused(f"class {CLASS.get(question.qclass)} is not served; only IN is")
+            raise _Refused(f"class {CLASS.get(question.qclass)} is not served, only IN")
         labels = tuple(label.lower() for label in question.qname.label)
         zone_size = len(self._zone_lower)
         if len(labels) < zone_size or labels[len(labels) - zone_size :] != self._zone_lower:
@@ -393,7 +393,7 @@ class Responder:
         key = (relative, qtype)
         count = self._rotation.get(key, 0)
         if len(self._rotation) >= _MAX_ROTATION_KEYS and key not in self._rotation:
-            # Bounds the table when many services come and go; rotation restarts at 0.
+            # Bounds the table when many services come and go. Rotation restarts at 0.
             self._rotation.clear()
         self._rotation[key] = count + 1
         start = count % len(items)
@@ -474,15 +474,15 @@ class Responder:
 
         without_additional = self._pack(request, answer, answer.records, [], truncated=False)
         if len(without_additional) <= limit:
-            kept = _largest_fitting(
+            wire = _largest_fitting(
                 len(additional), lambda count: self._pack(request, answer, answer.records, additional[:count], False), limit
             )
-            return kept, False
+            return wire, False
 
-        kept = _largest_fitting(
+        wire = _largest_fitting(
             len(answer.records), lambda count: self._pack(request, answer, answer.records[:count], [], True), limit
         )
-        return kept, True
+        return wire, True
 
     def _pack(self, request: _Request, answer: _Answer, records: list[RR], additional: list[RR], truncated: bool) -> bytes:
         header = DNSHeader(
@@ -539,10 +539,10 @@ def _validate_name(name: DNSLabel) -> None:
     # RFC 1035 §2.3.4 are checked here.
     for label in name.label:
         if len(label) > _MAX_LABEL_LENGTH:
-            raise _FormatError(f"a label of {len(label)} octets; at most {_MAX_LABEL_LENGTH} are allowed")
+            raise _FormatError(f"a label of {len(label)} octets, above the maximum of {_MAX_LABEL_LENGTH}")
     wire_length = sum(len(label) + 1 for label in name.label) + 1
     if wire_length > _MAX_NAME_LENGTH:
-        raise _FormatError(f"a name of {wire_length} octets; at most {_MAX_NAME_LENGTH} are allowed")
+        raise _FormatError(f"a name of {wire_length} octets, above the maximum of {_MAX_NAME_LENGTH}")
 
 
 def _unique_addresses(instances: tuple[Instance, ...], qtype: int) -> tuple[IPAddress, ...]:

@@ -7,7 +7,7 @@ import errno
 import ipaddress
 import logging
 import socket
-from typing import Any
+from typing import Any, cast
 
 from logpose.errors import ConfigError
 from logpose.log import dns_log
@@ -18,7 +18,7 @@ PORT_PICK_ATTEMPTS = 5
 
 
 class DnsServer:
-    """UDP and TCP listeners on each (host, port), answering with ``responder``.
+    """UDP and TCP listeners on each (host, port) that pass every query to ``responder``.
 
     Hosts must be IP addresses. Port 0 picks a free port and gives UDP and TCP the same
     one on that host. An IPv6 listener accepts IPv6 only (IPV6_V6ONLY), so IPv4 needs its
@@ -60,7 +60,9 @@ class DnsServer:
         self.bound_addresses: list[tuple[str, int]] = []
 
     async def start(self) -> None:
-        """Bind UDP and TCP on every listen address; on failure close what was bound and raise OSError."""
+        """Bind UDP and TCP on every listen address, or close what was bound and raise OSError."""
+        if self.bound_addresses:
+            raise RuntimeError("DnsServer.start() was already called; call close() first")
         try:
             for host, port in self._listen:
                 await self._bind(host, port)
@@ -120,9 +122,9 @@ class DnsServer:
         self._tcp_servers.append(server)
 
         self.bound_addresses.append((host, bound_port))
-        shown = _format_peer((host, bound_port))
-        dns_log.info("DNS listening on udp %s", shown)
-        dns_log.info("DNS listening on tcp %s", shown)
+        address = _format_peer((host, bound_port))
+        dns_log.info("DNS listening on udp %s", address)
+        dns_log.info("DNS listening on tcp %s", address)
 
     # ----- TCP ------------------------------------------------------------
 
@@ -133,14 +135,14 @@ class DnsServer:
             # so a flood of connections does not flood the log.
             if self._rejected_connections == 0:
                 dns_log.warning(
-                    "Closed TCP connection from %s: %d connections are open, the limit",
-                    peer, len(self._connections),
+                    "Rejected TCP connection from %s: the limit of %d open connections is reached",
+                    peer, self._max_tcp_connections,
                 )
             self._rejected_connections += 1
             writer.close()
             return
         if self._rejected_connections:
-            dns_log.warning("Closed %d TCP connection(s) at the connection limit", self._rejected_connections)
+            dns_log.warning("Rejected %d TCP connection(s) at the connection limit", self._rejected_connections)
             self._rejected_connections = 0
 
         task = asyncio.current_task()
@@ -179,7 +181,8 @@ class DnsServer:
 
             reply = self._responder.respond(message, "tcp", peer)
             if reply is None:
-                # Not even a header to answer, so the stream may be out of step: end it.
+                # A message without a full header gets no response, and the stream may
+                # be out of step, so the connection ends.
                 dns_log.debug("Closed TCP connection from %s after a message that got no answer", peer)
                 return
             try:
@@ -199,17 +202,17 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # The selector loop's UDP transport does not subclass DatagramTransport, so no isinstance check.
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         peer = _format_peer(addr)
         try:
             reply = self._responder.respond(data, "udp", peer)
         except Exception:
-            # respond() answers bad input itself, so this is a bug; one datagram must
+            # respond() handles bad input itself, so this is a bug. One datagram must
             # not stop the listener.
-            dns_log.exception("Failed to answer a UDP message from %s", peer)
+            dns_log.exception("Failed to respond to a UDP message from %s", peer)
             return
         if reply is not None and self._transport is not None:
             self._transport.sendto(reply, addr)
@@ -221,7 +224,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 def _bound_socket(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> socket.socket:
-    """Return a non-blocking socket bound to (host, port); raise OSError naming the address."""
+    """Return a non-blocking socket bound to (host, port), or raise OSError naming the address."""
     sock = socket.socket(family, kind)
     try:
         if family == socket.AF_INET6:

@@ -25,7 +25,7 @@ MAX_TTL = 2**31 - 1  # RFC 2181 §8
 class ZoneSettings:
     """The zone's name, TTLs and limits, validated when constructed.
 
-    ``ttl`` and ``negative_ttl`` are seconds; ``negative_ttl`` defaults to ``ttl``.
+    ``ttl`` and ``negative_ttl`` are seconds, and ``negative_ttl`` defaults to ``ttl``.
     ``ns_addresses`` are the IP addresses that ``ns.<domain>`` resolves to.
     ``max_udp_payload`` is the EDNS0 UDP payload size the server advertises and the
     largest UDP answer it sends.
