@@ -33,9 +33,17 @@ class Settings:
     probe_interval: float = 10.0  # seconds
     probe_timeout: float = 2.0  # seconds
     probe_concurrency: int = 64  # probes in flight at most
+    health_rise: int = 1  # consecutive successes to turn Healthy
+    health_fall: int = 2  # consecutive failures to turn a Healthy instance Unhealthy
+    deregister_after: float = 0.0  # seconds Unhealthy before removal; 0: never
+    mass_failure_guard: bool = True
+    mass_failure_share: float = 0.5  # share of instances failing at once that engages the guard
     dns_ttl: int = 5  # seconds
     jwt_key: str | None = None  # None: a random key kept in data_dir/jwt.key
     token_lifetime: int = 3600  # seconds
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key the HTTP API serves HTTPS
+    tls_key: Path | None = None  # PEM private key of tls_cert, not encrypted
+    tls_client_ca: Path | None = None  # PEM CA certificates; enables token requests by client certificate
     log_level: str = "INFO"
 
 
@@ -114,6 +122,27 @@ def _jwt_key(value: Any, key: str) -> str:
     return text
 
 
+def _boolean(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: must be true or false, got {value!r}")
+
+
+def _share(value: Any, key: str) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 < number < 1:
+        raise ConfigError(f"{key}: must be a fraction between 0 and 1 (exclusive), like 0.5, got {value!r}")
+    return number
+
+
 def _log_level(value: Any, key: str) -> str:
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     text = str(value).upper()
@@ -131,9 +160,17 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "probe_interval": _seconds(0.05, 86400),
     "probe_timeout": _seconds(0.01, 3600),
     "probe_concurrency": _whole(1, 10000),
+    "health_rise": _whole(1, 100),
+    "health_fall": _whole(1, 100),
+    "deregister_after": _seconds(0, 86400 * 30),
+    "mass_failure_guard": _boolean,
+    "mass_failure_share": _share,
     "dns_ttl": _whole(0, 86400, " of seconds"),
     "jwt_key": _jwt_key,
     "token_lifetime": _whole(60, 86400 * 30, " of seconds"),
+    "tls_cert": lambda value, key: Path(_text(value, key)),
+    "tls_key": lambda value, key: Path(_text(value, key)),
+    "tls_client_ca": lambda value, key: Path(_text(value, key)),
     "log_level": _log_level,
 }
 SETTING_KEYS = tuple(field.name for field in fields(Settings))
@@ -168,6 +205,11 @@ def load_settings(
             f"probe_timeout must be less than probe_interval "
             f"(got {settings.probe_timeout:g} >= {settings.probe_interval:g})"
         )
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        missing = "tls_key" if settings.tls_key is None else "tls_cert"
+        raise ConfigError(f"{missing} is missing: HTTPS needs both tls_cert and tls_key")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("tls_client_ca needs tls_cert and tls_key: client certificates are checked only over HTTPS")
     return settings
 
 

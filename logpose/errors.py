@@ -34,6 +34,10 @@ class NotFoundError(LogPoseError):
     """The named service, instance or client does not exist."""
 
 
+class InstanceNotRegisteredError(NotFoundError):
+    """A health report for an instance id the registry does not hold: the client must register again."""
+
+
 class ConflictError(LogPoseError):
     """The write contradicts the current catalog (duplicate code, service in use)."""
 
@@ -48,6 +52,14 @@ class PermissionDeniedError(LogPoseError):
     def __init__(self, detail: str, permission: str) -> None:
         super().__init__(detail)
         self.permission = permission
+
+
+class TooManyRequestsError(LogPoseError):
+    """Too many failed attempts; ``retry_after`` is the whole seconds to wait before the next one."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class StoreUnavailableError(LogPoseError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from logpose.errors import ValidationError
@@ -56,6 +56,7 @@ class Health(enum.Enum):
 
 class CheckType(enum.Enum):
     TCP = "tcp"
+    HTTP = "http"
     TTL = "ttl"
     NONE = "none"
 
@@ -96,10 +97,44 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class Check:
-    """How the health of an instance is decided; ``ttl`` is in seconds, only for TTL checks."""
+    """How the health of an instance is decided.
+
+    Durations are seconds. None means "use the server-wide default" for
+    ``interval``, ``timeout``, ``rise``, ``fall`` and ``deregister_after``.
+    ``ttl`` applies to TTL checks only; ``path``, ``scheme``, ``tls_verify`` and
+    ``expected_status`` to HTTP checks only.
+    """
 
     type: CheckType = CheckType.TCP
     ttl: float | None = None
+    interval: float | None = None
+    timeout: float | None = None
+    rise: int | None = None
+    fall: int | None = None
+    deregister_after: float | None = None
+    path: str | None = None
+    scheme: str | None = None
+    tls_verify: bool = True
+    expected_status: int | None = None
+
+    @property
+    def is_probed(self) -> bool:
+        """Whether the prober runs this check, as opposed to waiting for reports."""
+        return self.type in (CheckType.TCP, CheckType.HTTP)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the check as the API shows it, with only the fields that apply."""
+        fields: dict[str, Any] = {"type": self.type.value}
+        if self.type is CheckType.TTL:
+            fields["ttl"] = self.ttl
+        if self.type is CheckType.HTTP:
+            fields.update(path=self.path, scheme=self.scheme, tls_verify=self.tls_verify,
+                          expected_status=self.expected_status)
+        for name in ("interval", "timeout", "rise", "fall", "deregister_after"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
+        return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +167,12 @@ class Instance:
     modify_index: int = 0
     registered_at: float = 0.0
     updated_at: float = 0.0
+    maintenance_reason: str | None = None  # None: not in maintenance (drained)
+    maintenance_since: float | None = None
+
+    @property
+    def in_maintenance(self) -> bool:
+        return self.maintenance_reason is not None
 
     @property
     def registration_key(self) -> tuple[str, str, int, str]:
@@ -266,33 +307,99 @@ def parse_health(value: Any, field_name: str = "health") -> Health:
     raise ValidationError(field_name, f"must be one of {accepted}, got {value!r}")
 
 
-def parse_check(value: Any, protocol: Protocol, field_name: str = "check") -> Check:
-    """Parse ``{"type": "tcp"|"ttl"|"none", "ttl": seconds}``; None picks the protocol's default.
+CHECK_FIELDS = {
+    CheckType.TCP: {"interval", "timeout", "rise", "fall", "deregister_after"},
+    CheckType.HTTP: {"interval", "timeout", "rise", "fall", "deregister_after",
+                     "path", "scheme", "tls_verify", "expected_status"},
+    CheckType.TTL: {"ttl", "rise", "fall", "deregister_after"},
+    CheckType.NONE: {"rise", "fall", "deregister_after"},
+}
+MAX_CHECK_SECONDS = 86400.0
 
-    A TCP connect says nothing about a UDP service, so Udp instances default to ``none``.
+
+def parse_check(value: Any, protocol: Protocol, field_name: str = "check") -> Check:
+    """Parse a check object; None picks the protocol's default.
+
+    A TCP connect says nothing about a UDP service, so Udp instances default to
+    ``none``; others default to ``tcp``. Fields that do not apply to the check
+    type are rejected rather than ignored.
     """
     if value is None:
         return Check(CheckType.NONE if protocol is Protocol.UDP else CheckType.TCP)
     if not isinstance(value, dict):
         raise ValidationError(field_name, f"must be an object like {{\"type\": \"tcp\"}}, got {_json_type(value)}")
-    unknown = set(value) - {"type", "ttl"}
-    if unknown:
-        raise ValidationError(f"{field_name}.{sorted(unknown)[0]}", "unknown field; accepted: type, ttl")
     type_value = value.get("type", "tcp")
     try:
         check_type = CheckType(type_value.lower() if isinstance(type_value, str) else type_value)
     except ValueError:
-        raise ValidationError(f"{field_name}.type", f"must be one of tcp, ttl, none, got {type_value!r}") from None
-    ttl = value.get("ttl")
-    if check_type is CheckType.TTL:
-        if ttl is None:
-            raise ValidationError(f"{field_name}.ttl", "is required for a ttl check (seconds between reports)")
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= 86400:
-            raise ValidationError(f"{field_name}.ttl", f"must be a number of seconds from 1 to 86400, got {ttl!r}")
-        return Check(check_type, float(ttl))
-    if ttl is not None:
-        raise ValidationError(f"{field_name}.ttl", f"applies only to a ttl check, not {check_type.value}")
-    return Check(check_type)
+        accepted = ", ".join(kind.value for kind in CheckType)
+        raise ValidationError(f"{field_name}.type", f"must be one of {accepted}, got {type_value!r}") from None
+    allowed = CHECK_FIELDS[check_type] | {"type"}
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ValidationError(
+            f"{field_name}.{unknown[0]}",
+            f"does not apply to a {check_type.value} check; accepted: {', '.join(sorted(allowed))}",
+        )
+
+    def seconds(name: str, minimum: float) -> float | None:
+        item = value.get(name)
+        if item is None:
+            return None
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not minimum <= item <= MAX_CHECK_SECONDS:
+            raise ValidationError(
+                f"{field_name}.{name}", f"must be a number of seconds from {minimum:g} to {MAX_CHECK_SECONDS:g}, got {item!r}"
+            )
+        return float(item)
+
+    def count(name: str) -> int | None:
+        item = value.get(name)
+        if item is None:
+            return None
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 100:
+            raise ValidationError(f"{field_name}.{name}", f"must be a whole number from 1 to 100, got {item!r}")
+        return item
+
+    interval = seconds("interval", 0.05)
+    timeout = seconds("timeout", 0.01)
+    if interval is not None and timeout is not None and timeout >= interval:
+        raise ValidationError(
+            f"{field_name}.timeout", f"must be less than {field_name}.interval (got {timeout:g} >= {interval:g})"
+        )
+    ttl = seconds("ttl", 1)
+    if check_type is CheckType.TTL and ttl is None:
+        raise ValidationError(f"{field_name}.ttl", "is required for a ttl check (seconds between reports)")
+
+    check = Check(
+        type=check_type,
+        ttl=ttl,
+        interval=interval,
+        timeout=timeout,
+        rise=count("rise"),
+        fall=count("fall"),
+        deregister_after=seconds("deregister_after", 1),
+    )
+    if check_type is CheckType.HTTP:
+        check = _parse_http_check_fields(check, value, protocol, field_name)
+    return check
+
+
+def _parse_http_check_fields(check: Check, value: dict[str, Any], protocol: Protocol, field_name: str) -> Check:
+    path = value.get("path", "/")
+    if not isinstance(path, str) or not path.startswith("/") or len(path) > 1024 or any(
+        ord(character) < 33 or ord(character) == 127 for character in path
+    ):
+        raise ValidationError(f"{field_name}.path", f"must be an absolute URL path like '/health' without spaces, got {path!r}")
+    scheme = value.get("scheme", "https" if protocol is Protocol.HTTPS else "http")
+    if scheme not in ("http", "https"):
+        raise ValidationError(f"{field_name}.scheme", f"must be 'http' or 'https', got {scheme!r}")
+    tls_verify = value.get("tls_verify", True)
+    if not isinstance(tls_verify, bool):
+        raise ValidationError(f"{field_name}.tls_verify", f"must be true or false, got {tls_verify!r}")
+    expected = value.get("expected_status")
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or not 100 <= expected <= 599):
+        raise ValidationError(f"{field_name}.expected_status", f"must be an HTTP status from 100 to 599, got {expected!r}")
+    return replace(check, path=path, scheme=scheme, tls_verify=tls_verify, expected_status=expected)
 
 
 def parse_tags(value: Any, field_name: str = "tags") -> tuple[str, ...]:

@@ -14,9 +14,16 @@ import enum
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Protocol as TypingProtocol
+from typing import Callable, Protocol as TypingProtocol
 
-from logpose.errors import ConflictError, NotFoundError, StoreUnavailableError, ValidationError
+from logpose.errors import (
+    ConflictError,
+    InstanceNotRegisteredError,
+    NotFoundError,
+    StoreUnavailableError,
+    ValidationError,
+)
+from logpose.health import HealthDefaults, HealthState, HealthTracker, HealthTransition, MassFailureGuard
 from logpose.log import registry_log
 from logpose.model import (
     Check,
@@ -35,6 +42,7 @@ class ChangeKind(enum.Enum):
     INSTANCE_UPSERT = "instance-upsert"
     INSTANCE_DELETE = "instance-delete"
     HEALTH = "health"
+    MAINTENANCE = "maintenance"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +94,6 @@ class CatalogStore(TypingProtocol):
 Listener = Callable[[Change], None]
 
 
-@dataclass(slots=True)
-class _HealthCounter:
-    successes: int = 0
-    failures: int = 0
-
-
 class Registry:
     """The catalog in memory with its change index.
 
@@ -99,17 +101,26 @@ class Registry:
     returned by the read methods are new lists the caller owns.
     """
 
-    def __init__(self, store: CatalogStore | None, *, rise: int = 1, fall: int = 2) -> None:
+    def __init__(
+        self,
+        store: CatalogStore | None,
+        *,
+        defaults: HealthDefaults | None = None,
+        guard: MassFailureGuard | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._store = store
-        self._rise = rise
-        self._fall = fall
+        self._clock = clock
+        defaults = defaults or HealthDefaults()
+        self._health = HealthTracker(
+            defaults, guard or MassFailureGuard(share=0.5, window=defaults.interval)
+        )
         self._index = 0
         self._services: dict[str, Service] = {}
         self._instances: dict[str, Instance] = {}
         self._by_service: dict[str, dict[str, Instance]] = {}
         self._by_key: dict[tuple[str, str, int, str], str] = {}
-        self._counters: dict[str, _HealthCounter] = {}
-        self._last_report: dict[str, float] = {}
+        self._healthy_probed = 0  # probed instances now Healthy, kept for the mass-failure guard
         self._listeners: list[Listener] = []
         self._write_lock = asyncio.Lock()
         self._pending_health: dict[str, HealthUpdate] = {}
@@ -129,12 +140,13 @@ class Registry:
         self._by_service = {code: {} for code in self._services}
         self._instances = {}
         self._by_key = {}
-        now = time.time()
+        self._healthy_probed = 0
+        now = self._clock()
         for instance in snapshot.instances:
             self._put_instance(instance)
-            # A TTL check starts a fresh period at load, so a restart does not
-            # expire every TTL instance before it had the chance to report.
-            self._last_report[instance.id] = now
+            # TTL and stale deadlines start at load, so a restart does not expire
+            # every instance before it had the chance to report or be probed.
+            self._health.track(instance, now, fresh=True)
         self._index = snapshot.index
 
     # ----- reads ---------------------------------------------------------
@@ -161,12 +173,31 @@ class Registry:
         return list(self._by_service.get(code, {}).values())
 
     def discoverable(self, code: str) -> list[Instance]:
-        """Return the instances of the service that discovery may hand out (Healthy only)."""
-        return [instance for instance in self._by_service.get(code, {}).values() if instance.health is Health.HEALTHY]
+        """Return the instances that discovery may hand out: Healthy and not in maintenance."""
+        return [
+            instance
+            for instance in self._by_service.get(code, {}).values()
+            if instance.health is Health.HEALTHY and instance.maintenance_reason is None
+        ]
 
-    def last_report_at(self, instance_id: str) -> float | None:
-        """Return the Unix time of the last health report, or of registration or load."""
-        return self._last_report.get(instance_id)
+    @property
+    def health_defaults(self) -> HealthDefaults:
+        return self._health.defaults
+
+    @property
+    def guard(self) -> MassFailureGuard:
+        """The mass-failure guard; read its ``active`` and ``active_since`` for status pages."""
+        return self._health.guard
+
+    def health_state(self, instance_id: str) -> HealthState | None:
+        """Return the instance's counters and check times; the caller must not mutate it."""
+        return self._health.state(instance_id) if instance_id in self._instances else None
+
+    def history(self, instance_id: str) -> list[HealthTransition]:
+        """Return the instance's recent health transitions, oldest first."""
+        if instance_id not in self._instances:
+            raise NotFoundError(f"instance {instance_id!r} not found")
+        return list(self._health.state(instance_id).history)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener`` after each applied change; return a function that unsubscribes.
@@ -219,9 +250,10 @@ class Registry:
         created with its name equal to its code. An update keeps the health
         unless the check changed.
         """
+        self._check_timing(spec.check)
         async with self._write_lock:
             index = self._index + 1
-            now = time.time()
+            now = self._clock()
             write = CatalogWrite(index)
             service = self._services.get(code)
             if service is None:
@@ -267,12 +299,9 @@ class Registry:
                 self._services[code] = service
                 self._by_service[code] = {}
                 self._apply(Change(index, ChangeKind.SERVICE_UPSERT, code), bump=False)
-            if existing is not None and existing.health != instance.health:
-                self._counters.pop(instance.id, None)
             self._put_instance(instance)
-            self._last_report.setdefault(instance.id, now)
-            if existing is None or existing.check != instance.check:
-                self._last_report[instance.id] = now
+            fresh = existing is None or existing.health is not instance.health or existing.check != instance.check
+            self._health.track(instance, now, fresh=fresh)
             self._apply(Change(index, ChangeKind.INSTANCE_UPSERT, code, instance.id))
             registry_log.info(
                 "%s instance %s of %s at %s (%s)",
@@ -293,19 +322,52 @@ class Registry:
             registry_log.info("Deregistered instance %s of %s at %s", instance_id, instance.service, instance.address)
             return instance
 
+    async def set_maintenance(self, instance_id: str, reason: str | None) -> Instance:
+        """Take an instance out of discovery (``reason`` set) or return it (None); durable.
+
+        Maintenance leaves checks running, so turning it off returns the
+        instance to whatever its checks say by then.
+        """
+        async with self._write_lock:
+            instance = self._instances.get(instance_id)
+            if instance is None:
+                raise NotFoundError(f"instance {instance_id!r} not found")
+            if instance.maintenance_reason == reason:
+                return instance
+            index = self._index + 1
+            now = self._clock()
+            updated = replace(
+                instance,
+                maintenance_reason=reason,
+                maintenance_since=now if reason is not None else None,
+                modify_index=index,
+                updated_at=now,
+            )
+            await self._commit(CatalogWrite(index, upsert_instances=[updated]))
+            self._put_instance(updated)
+            self._apply(Change(index, ChangeKind.MAINTENANCE, updated.service, updated.id))
+            if reason is None:
+                registry_log.info("Instance %s of %s left maintenance", instance_id, instance.service)
+            else:
+                registry_log.info("Instance %s of %s entered maintenance: %s", instance_id, instance.service, reason)
+            return updated
+
     # ----- health (soft state, written behind) ----------------------------
 
-    def report_health(self, instance_id: str, health: Health, output: str) -> Instance:
+    def report_health(self, instance_id: str, health: Health, output: str, now: float | None = None) -> Instance:
         """Record a health report from the instance itself; it counts as a check result."""
         if health is Health.UNKNOWN:
             raise ValidationError("status", "must be 'Healthy' or 'Unhealthy'")
         instance = self._instances.get(instance_id)
         if instance is None:
-            raise NotFoundError(f"instance {instance_id!r} not found; register it again")
-        self._last_report[instance_id] = time.time()
-        return self.record_check_result(instance_id, health is Health.HEALTHY, output) or instance
+            raise InstanceNotRegisteredError(f"instance {instance_id!r} is not registered; register it again")
+        now = self._clock() if now is None else now
+        self._health.state(instance_id).last_report_at = now
+        return self.record_check_result(instance_id, health is Health.HEALTHY, output, now) or instance
 
-    def record_check_result(self, instance_id: str, passed: bool, output: str) -> Instance | None:
+    def record_check_result(
+        self, instance_id: str, passed: bool, output: str, now: float | None = None
+    ) -> Instance | None:
         """Count one check result toward the rise/fall thresholds; return the instance.
 
         Return None when the instance is gone (deregistered while its probe ran).
@@ -313,29 +375,69 @@ class Registry:
         instance = self._instances.get(instance_id)
         if instance is None:
             return None
-        counter = self._counters.setdefault(instance_id, _HealthCounter())
-        if passed:
-            counter.successes += 1
-            counter.failures = 0
-            target = Health.HEALTHY if counter.successes >= self._rise else instance.health
-        else:
-            counter.failures += 1
-            counter.successes = 0
-            # An instance never seen healthy has nothing to flap from: one failure decides.
-            threshold = self._fall if instance.health is Health.HEALTHY else 1
-            target = Health.UNHEALTHY if counter.failures >= threshold else instance.health
-        return self._set_health(instance, target, output)
+        now = self._clock() if now is None else now
+        verdict = self._health.on_result(instance, passed, now, self._healthy_probed)
+        for restored_id in verdict.restore:
+            restored = self._instances.get(restored_id)
+            if restored is not None:
+                self._set_health(restored, Health.HEALTHY, restored.output + " (restored by the mass-failure guard)", now)
+        if verdict.restore or verdict.suppressed:
+            if verdict.restore:
+                registry_log.warning(
+                    "Mass-failure guard engaged: %d instance(s) failed within %.3g s across several services; "
+                    "keeping their last known health until probes succeed again",
+                    len(verdict.restore) + 1, self._health.guard.window,
+                )
+            output = f"{output} (held Healthy by the mass-failure guard)"
+        instance = self._set_health(instance, verdict.health, output, now)
+        if self._health.guard.active and self._health.maybe_release_guard():
+            registry_log.warning("Mass-failure guard released: probes succeed again")
+        return instance
 
-    def expire_ttl(self, instance_id: str, output: str) -> Instance | None:
-        """Mark a TTL-checked instance Unhealthy because its reports stopped."""
-        instance = self._instances.get(instance_id)
-        if instance is None:
-            return None
-        self._counters[instance_id] = _HealthCounter(failures=self._fall)
-        return self._set_health(instance, Health.UNHEALTHY, output)
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Apply TTL expiry and stale-check deadlines; return ids due for deregistration."""
+        now = self._clock() if now is None else now
+        due = []
+        for instance in list(self._instances.values()):
+            reason = self._health.overdue(instance, now)
+            if reason is not None:
+                target = Health.UNHEALTHY if instance.check.type is CheckType.TTL else Health.UNKNOWN
+                instance = self._set_health(instance, target, reason, now)
+            if self._health.expired(instance, now):
+                due.append(instance.id)
+        return due
 
-    def _set_health(self, instance: Instance, health: Health, output: str) -> Instance:
-        now = time.time()
+    async def run_health_watchdog(self, period: float = 1.0) -> None:
+        """Sweep deadlines every ``period`` seconds until cancelled, deregistering expired instances."""
+        while True:
+            await asyncio.sleep(period)
+            for instance_id in self.sweep():
+                instance = self._instances.get(instance_id)
+                if instance is None:
+                    continue
+                limit = self._health.defaults.deregister_after_of(instance.check)
+                try:
+                    await self.deregister(instance_id)
+                except NotFoundError:
+                    continue
+                except StoreUnavailableError as exc:
+                    registry_log.warning("Could not deregister expired instance %s: %s", instance_id, exc.detail)
+                    continue
+                registry_log.warning(
+                    "Deregistered instance %s of %s at %s: Unhealthy for more than %g s (deregister_after)",
+                    instance_id, instance.service, instance.address, limit,
+                )
+
+    def _check_timing(self, check: Check) -> None:
+        defaults = self._health.defaults
+        if check.is_probed and defaults.timeout_of(check) >= defaults.interval_of(check):
+            raise ValidationError(
+                "check.timeout",
+                f"must be less than check.interval (got {defaults.timeout_of(check):g} >= "
+                f"{defaults.interval_of(check):g}, counting the server defaults)",
+            )
+
+    def _set_health(self, instance: Instance, health: Health, output: str, now: float) -> Instance:
         if health is instance.health:
             if output != instance.output:
                 # Output alone is no health change: it neither bumps the index nor wakes listeners.
@@ -345,6 +447,7 @@ class Registry:
         index = self._index + 1
         updated = replace(instance, health=health, output=output, modify_index=index, updated_at=now)
         self._put_instance(updated)
+        self._health.record_transition(updated.id, HealthTransition(now, instance.health, health, output))
         self._pending_health[updated.id] = HealthUpdate(updated.id, health, output, now)
         self._health_dirty.set()
         self._apply(Change(index, ChangeKind.HEALTH, updated.service, updated.id))
@@ -394,6 +497,7 @@ class Registry:
 
     def _put_instance(self, instance: Instance) -> None:
         previous = self._instances.get(instance.id)
+        self._healthy_probed += _counts_as_healthy_probed(instance) - _counts_as_healthy_probed(previous)
         if previous is not None and previous.registration_key != instance.registration_key:
             self._by_key.pop(previous.registration_key, None)
         self._instances[instance.id] = instance
@@ -402,10 +506,10 @@ class Registry:
 
     def _drop_instance(self, instance_id: str) -> None:
         instance = self._instances.pop(instance_id)
+        self._healthy_probed -= _counts_as_healthy_probed(instance)
         self._by_service.get(instance.service, {}).pop(instance_id, None)
         self._by_key.pop(instance.registration_key, None)
-        self._counters.pop(instance_id, None)
-        self._last_report.pop(instance_id, None)
+        self._health.forget(instance_id)
         self._pending_health.pop(instance_id, None)
 
     def _apply(self, change: Change, *, bump: bool = True) -> None:
@@ -418,8 +522,8 @@ class Registry:
                 registry_log.exception("Change listener %r failed on change %d", listener, change.index)
 
 
-def instances_with_check(instances: Iterable[Instance], check_type: CheckType) -> list[Instance]:
-    return [instance for instance in instances if instance.check.type is check_type]
+def _counts_as_healthy_probed(instance: Instance | None) -> int:
+    return int(instance is not None and instance.health is Health.HEALTHY and instance.check.is_probed)
 
 
 __all__ = [

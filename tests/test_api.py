@@ -135,7 +135,7 @@ def test_register_creates_service_and_instance(api):
     instance = answer.json()
     assert instance["protocol"] == "Http"
     assert instance["health"] == "Unknown"
-    assert instance["check"] == {"type": "none", "ttl": None}
+    assert instance["check"] == {"type": "none"}
     assert instance["service_name"] == "my-svc"
     assert instance["address"] == "10.0.0.5:8080"
     assert instance["tags"] == ["blue"]

@@ -109,8 +109,20 @@ def test_udp_defaults_to_no_check():
         ({"type": "ttl", "ttl": 0}, "check.ttl"),
         ({"type": "ttl", "ttl": "5"}, "check.ttl"),
         ({"type": "tcp", "ttl": 5}, "check.ttl"),
-        ({"type": "http"}, "check.type"),
-        ({"interval": 5}, "check.interval"),
+        ({"type": "icmp"}, "check.type"),
+        ({"interval": 5, "timeout": 5}, "check.timeout"),
+        ({"interval": 0}, "check.interval"),
+        ({"timeout": "2"}, "check.timeout"),
+        ({"rise": 0}, "check.rise"),
+        ({"fall": 1.5}, "check.fall"),
+        ({"deregister_after": -1}, "check.deregister_after"),
+        ({"type": "tcp", "path": "/health"}, "check.path"),
+        ({"type": "ttl", "ttl": 5, "interval": 5}, "check.interval"),
+        ({"type": "http", "path": "health"}, "check.path"),
+        ({"type": "http", "path": "/a b"}, "check.path"),
+        ({"type": "http", "scheme": "ftp"}, "check.scheme"),
+        ({"type": "http", "tls_verify": "no"}, "check.tls_verify"),
+        ({"type": "http", "expected_status": 99}, "check.expected_status"),
         ("tcp", "check"),
     ],
 )
@@ -118,6 +130,21 @@ def test_check_rejected(check, field):
     with pytest.raises(ValidationError) as caught:
         parse_check(check, Protocol.HTTP)
     assert caught.value.field == field
+
+
+def test_http_check_defaults_follow_protocol():
+    plain = parse_check({"type": "http"}, Protocol.HTTP)
+    assert (plain.path, plain.scheme, plain.tls_verify, plain.expected_status) == ("/", "http", True, None)
+    secure = parse_check({"type": "http", "path": "/health", "tls_verify": False}, Protocol.HTTPS)
+    assert (secure.path, secure.scheme, secure.tls_verify) == ("/health", "https", False)
+
+
+def test_check_settings_kept():
+    check = parse_check({"type": "tcp", "interval": 5, "timeout": 1, "rise": 3, "fall": 4,
+                         "deregister_after": 600}, Protocol.TCP)
+    assert (check.interval, check.timeout, check.rise, check.fall, check.deregister_after) == (5, 1, 3, 4, 600)
+    assert check.to_json() == {"type": "tcp", "interval": 5, "timeout": 1, "rise": 3, "fall": 4,
+                               "deregister_after": 600}
 
 
 def test_instance_spec_defaults():

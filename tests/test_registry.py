@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from logpose.errors import ConflictError, NotFoundError
+from logpose.health import HealthDefaults
 from logpose.model import Health, parse_instance_spec
 from logpose.registry import ChangeKind, Registry
 from logpose.store import SqlStore, database_url_for
@@ -41,7 +42,7 @@ def test_write_bumps_index_and_notifies(tmp_path):
 
 
 def test_rise_and_fall_thresholds():
-    registry = Registry(None, rise=2, fall=2)
+    registry = Registry(None, defaults=HealthDefaults(rise=2, fall=2))
 
     async def scenario():
         instance, _ = await registry.register("web", spec())

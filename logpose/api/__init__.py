@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from logpose.api.checks import add_check_routes
+from logpose.api.clients import add_client_routes
 from logpose.api.handlers import add_routes
 from logpose.api.problems import problem_middleware
 from logpose.api.state import AUTHENTICATOR, REGISTRY, authentication_middleware
@@ -21,6 +23,8 @@ def build_app(registry: Registry, authenticator: Authenticator) -> web.Applicati
     app[REGISTRY] = registry
     app[AUTHENTICATOR] = authenticator
     add_routes(app)
+    add_check_routes(app)
+    add_client_routes(app)
     return app
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from logpose.api.state import AUTHENTICATOR, REGISTRY, principal_of
+from logpose.api.state import AUTHENTICATOR, REGISTRY, peer_certificate_name, principal_of
 from logpose.api.views import instance_view, service_view
-from logpose.errors import MalformedRequestError, NotFoundError, ValidationError
+from logpose.errors import InstanceNotRegisteredError, MalformedRequestError, NotFoundError, ValidationError
 from logpose.model import (
     Instance,
     parse_health,
@@ -62,7 +62,8 @@ def json_response(data: Any, status: int = 200, index: int | None = None) -> web
 
 def view_instance(request: web.Request, instance: Instance) -> dict[str, Any]:
     service = request.app[REGISTRY].get_service(instance.service)
-    return instance_view(instance, service.name if service else instance.service)
+    state = request.app[REGISTRY].health_state(instance.id)
+    return instance_view(instance, service.name if service else instance.service, state)
 
 
 def service_or_404(request: web.Request, code: str):
@@ -84,10 +85,13 @@ async def issue_token(request: web.Request) -> web.Response:
     secret = body.get("secret")
     if not isinstance(common_name, str) or not 0 < len(common_name) <= MAX_COMMON_NAME_LENGTH:
         raise ValidationError("common_name", f"is required: a string of 1 to {MAX_COMMON_NAME_LENGTH} characters")
-    if not isinstance(secret, str) or not 0 < len(secret) <= MAX_SECRET_LENGTH:
-        raise ValidationError("secret", f"is required: a string of 1 to {MAX_SECRET_LENGTH} characters")
+    if secret is not None and (not isinstance(secret, str) or not 0 < len(secret) <= MAX_SECRET_LENGTH):
+        raise ValidationError("secret", f"must be a string of 1 to {MAX_SECRET_LENGTH} characters")
     authenticator = request.app[AUTHENTICATOR]
-    token = await authenticator.issue_token(common_name, secret.strip(), request.remote)
+    # Without a secret, a client certificate verified by the TLS layer is the credential.
+    token = await authenticator.issue_token(
+        common_name, secret.strip() if secret is not None else None, request.remote, peer_certificate_name(request)
+    )
     return json_response({"access_token": token, "token_type": "Bearer", "expires_in": authenticator.token_lifetime})
 
 
@@ -186,7 +190,7 @@ async def report_health(request: web.Request) -> web.Response:
     output = parse_output(body.get("output"))
     instance = registry.get_instance(instance_id)
     if instance is None:
-        raise NotFoundError(f"instance {instance_id!r} not found; register it again")
+        raise InstanceNotRegisteredError(f"instance {instance_id!r} is not registered; register it again")
     principal_of(request).require_service("reporting health", instance.service)
     instance = registry.report_health(instance_id, health, output)
     return json_response(view_instance(request, instance))

@@ -10,11 +10,13 @@ from aiohttp import web
 from logpose.errors import (
     AuthenticationError,
     ConflictError,
+    InstanceNotRegisteredError,
     LogPoseError,
     MalformedRequestError,
     NotFoundError,
     PermissionDeniedError,
     StoreUnavailableError,
+    TooManyRequestsError,
     ValidationError,
 )
 from logpose.log import http_log
@@ -51,6 +53,8 @@ def _from_logpose_error(error: LogPoseError) -> web.Response:
             status, "validation", "Invalid request", error.detail,
             errors=[{"field": error.field, "message": error.reason}],
         )
+    if isinstance(error, InstanceNotRegisteredError):
+        return problem_response(404, "instance-not-registered", "Instance not registered", error.detail)
     if isinstance(error, NotFoundError):
         return problem_response(404, "not-found", "Not found", error.detail)
     if isinstance(error, ConflictError):
@@ -62,6 +66,11 @@ def _from_logpose_error(error: LogPoseError) -> web.Response:
         )
     if isinstance(error, PermissionDeniedError):
         return problem_response(403, "forbidden", "Forbidden", error.detail, permission=error.permission)
+    if isinstance(error, TooManyRequestsError):
+        return problem_response(
+            429, "too-many-requests", "Too many requests", error.detail,
+            headers={"Retry-After": str(error.retry_after)},
+        )
     if isinstance(error, StoreUnavailableError):
         return problem_response(
             503, "store-unavailable", "Service unavailable",

@@ -1,4 +1,14 @@
-"""Typed application state and the authentication middleware."""
+"""Typed application state, and the middleware that authenticates and authorises every request.
+
+Authorisation has two layers. This middleware applies the role rules that
+depend only on the route: every role may read (GET and HEAD), and a write
+needs the admin role unless its route is one of ``SERVICE_SCOPED_WRITES``. The
+handlers of those routes check the service itself with
+``Principal.require_service``, because only they know which service an
+instance id belongs to. Handlers of admin-only reads call
+``Principal.require_admin``. A write route that nobody listed therefore fails
+closed: only admins may call it.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +26,50 @@ PRINCIPAL_KEY = "logpose.principal"
 # Routes anyone may call: liveness and the token exchange itself.
 PUBLIC_PATHS = frozenset({"/healthz", "/api/auth/token"})
 
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+# Writes that a registrar may make for the services in its list; the handler checks the service.
+SERVICE_SCOPED_WRITES = frozenset({
+    ("POST", "/api/services/{code}/instances"),
+    ("DELETE", "/api/instances/{instance_id}"),
+    ("POST", "/api/instances/{instance_id}/health"),
+    ("POST", "/api/instances/{instance_id}/maintenance"),
+})
+
 
 def principal_of(request: web.Request) -> Principal:
     return request[PRINCIPAL_KEY]
 
 
+def peer_certificate_name(request: web.Request) -> str | None:
+    """Return the CN of the client certificate the TLS layer verified, or None without one.
+
+    The server asks for a client certificate only when a client CA is
+    configured, and the handshake fails for a certificate that the CA did not
+    sign, so any certificate seen here is trusted. A subject with more than one
+    CN gives None, because it names no single client.
+    """
+    transport = request.transport
+    certificate = transport.get_extra_info("peercert") if transport is not None else None
+    if not certificate:
+        return None
+    names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return names[0] if len(names) == 1 else None
+
+
+def _authorize(principal: Principal, request: web.Request) -> None:
+    if request.method in READ_METHODS:
+        return
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else request.path
+    if (request.method, route) in SERVICE_SCOPED_WRITES:
+        return
+    principal.require_admin(f"{request.method} {route}")
+
+
 @web.middleware
 async def authentication_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Require a valid Bearer token on every route but the public ones."""
+    """Require a valid Bearer token on every route but the public ones, and apply the route's role rule."""
     if request.path in PUBLIC_PATHS or request.match_info.http_exception is not None:
         return await handler(request)
     header = request.headers.get("Authorization")
@@ -32,5 +78,7 @@ async def authentication_middleware(request: web.Request, handler: Handler) -> w
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError("malformed Authorization header; expected 'Bearer <token>'")
-    request[PRINCIPAL_KEY] = request.app[AUTHENTICATOR].verify_token(token.strip())
+    principal = request.app[AUTHENTICATOR].verify_token(token.strip())
+    _authorize(principal, request)
+    request[PRINCIPAL_KEY] = principal
     return await handler(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from logpose.health import HealthState, HealthTransition
 from logpose.model import Health, Instance, Service
 
 
@@ -13,8 +14,13 @@ def format_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def instance_view(instance: Instance, service_name: str) -> dict[str, Any]:
-    return {
+def optional_time(timestamp: float | None) -> str | None:
+    return format_time(timestamp) if timestamp is not None else None
+
+
+def instance_view(instance: Instance, service_name: str, state: HealthState | None = None) -> dict[str, Any]:
+    """Return the instance's JSON; ``state`` adds the check's counters and times."""
+    view = {
         "id": instance.id,
         "service": instance.service,
         "service_name": service_name,
@@ -27,10 +33,33 @@ def instance_view(instance: Instance, service_name: str) -> dict[str, Any]:
         "tags": list(instance.tags),
         "metadata": dict(instance.metadata),
         "weight": instance.weight,
-        "check": {"type": instance.check.type.value, "ttl": instance.check.ttl},
+        "check": instance.check.to_json(),
+        "maintenance": {
+            "enabled": instance.in_maintenance,
+            "reason": instance.maintenance_reason,
+            "since": optional_time(instance.maintenance_since),
+        },
         "registered_at": format_time(instance.registered_at),
         "updated_at": format_time(instance.updated_at),
         "modify_index": instance.modify_index,
+    }
+    if state is not None:
+        view["check_status"] = {
+            "last_checked_at": optional_time(state.last_checked_at),
+            "last_success_at": optional_time(state.last_success_at),
+            "last_failure_at": optional_time(state.last_failure_at),
+            "consecutive_successes": state.successes,
+            "consecutive_failures": state.failures,
+        }
+    return view
+
+
+def transition_view(transition: HealthTransition) -> dict[str, Any]:
+    return {
+        "at": format_time(transition.at),
+        "from": transition.previous.value,
+        "to": transition.health.value,
+        "output": transition.output,
     }
 
 

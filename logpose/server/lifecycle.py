@@ -14,10 +14,12 @@ from logpose.api import build_app
 from logpose.auth import Authenticator, load_signing_key
 from logpose.config import Settings
 from logpose.errors import ConfigError, StoreUnavailableError
+from logpose.health import HealthDefaults, MassFailureGuard
 from logpose.log import access_log, server_log
 from logpose.nameserver import DnsServer, Responder, ZoneSettings
 from logpose.prober import Prober
 from logpose.registry import Registry
+from logpose.server.tls import server_ssl_context
 from logpose.store import SqlStore, database_url_for
 
 EXIT_CONFIG = 2
@@ -46,6 +48,11 @@ async def serve(settings: Settings) -> None:
         raise StartupError(f"cannot create data directory {settings.data_dir}: {exc.strerror}", EXIT_CONFIG) from exc
 
     try:
+        ssl_context = server_ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except ConfigError as exc:
+        raise StartupError(f"invalid configuration: {exc.detail}", EXIT_CONFIG) from exc
+
+    try:
         store = SqlStore(database_url_for(settings.data_dir, settings.database_url))
         await store.open()
     except ConfigError as exc:
@@ -59,24 +66,31 @@ async def serve(settings: Settings) -> None:
     try:
         # The registry is loaded before any listener is bound, so a restarting
         # server never answers from an empty catalog.
-        registry = Registry(store)
+        defaults = HealthDefaults(
+            interval=settings.probe_interval,
+            timeout=settings.probe_timeout,
+            rise=settings.health_rise,
+            fall=settings.health_fall,
+            deregister_after=settings.deregister_after or None,
+        )
+        guard = MassFailureGuard(
+            share=settings.mass_failure_share, window=settings.probe_interval, enabled=settings.mass_failure_guard
+        )
+        registry = Registry(store, defaults=defaults, guard=guard)
         try:
             signing_key = load_signing_key(settings.data_dir, settings.jwt_key)
             authenticator = Authenticator(store, signing_key, settings.token_lifetime)
             await registry.load()
+            await authenticator.load_clients()
             await authenticator.ensure_admin(settings.data_dir)
         except StoreUnavailableError as exc:
             raise StartupError(exc.detail, EXIT_STORE) from exc
         except OSError as exc:
             raise StartupError(f"cannot set up credentials in {settings.data_dir}: {exc}", EXIT_CONFIG) from exc
 
-        prober = Prober(
-            registry,
-            interval=settings.probe_interval,
-            timeout=settings.probe_timeout,
-            concurrency=settings.probe_concurrency,
-        )
+        prober = Prober(registry, concurrency=settings.probe_concurrency)
         background.append(asyncio.create_task(registry.run_health_writer(), name="health-writer"))
+        background.append(asyncio.create_task(registry.run_health_watchdog(), name="health-watchdog"))
         background.append(asyncio.create_task(prober.run(), name="prober"))
 
         zone = ZoneSettings(
@@ -94,13 +108,14 @@ async def serve(settings: Settings) -> None:
         runner = web.AppRunner(build_app(registry, authenticator), access_log=access_log)
         await runner.setup()
         host, port = settings.http_listen
-        site = web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_GRACE)
+        site = web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_GRACE, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
             raise StartupError(f"cannot listen for HTTP on {_format_host_port(host, port)}: {exc.strerror or exc}", EXIT_BIND) from exc
         for bound in runner.addresses:
-            server_log.info("HTTP API listening on http://%s", _format_host_port(bound[0], bound[1]))
+            scheme = "https" if ssl_context is not None else "http"
+            server_log.info("HTTP API listening on %s://%s", scheme, _format_host_port(bound[0], bound[1]))
         server_log.info(
             "LogPose ready: zone %s, %d service(s), %d instance(s), index %d",
             settings.domain, len(registry.services()), len(registry.instances()), registry.index,

@@ -33,8 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe-interval", metavar="SECONDS", help="seconds between health probes (default 10)")
     parser.add_argument("--probe-timeout", metavar="SECONDS", help="seconds before a probe fails (default 2)")
     parser.add_argument("--probe-concurrency", metavar="N", help="probes in flight at most (default 64)")
+    parser.add_argument("--health-rise", metavar="N", help="consecutive successes to turn Healthy (default 1)")
+    parser.add_argument(
+        "--health-fall", metavar="N", help="consecutive failures to turn a Healthy instance Unhealthy (default 2)"
+    )
+    parser.add_argument(
+        "--deregister-after", metavar="SECONDS", help="remove instances Unhealthy this long; 0 never (default 0)"
+    )
+    parser.add_argument(
+        "--mass-failure-guard", metavar="BOOL",
+        help="keep last known health when many instances fail at once: true or false (default true)",
+    )
+    parser.add_argument(
+        "--mass-failure-share", metavar="FRACTION",
+        help="share of probed instances failing within one interval that engages the guard (default 0.5)",
+    )
     parser.add_argument("--dns-ttl", metavar="SECONDS", help="TTL of DNS answers in seconds (default 5)")
     parser.add_argument("--token-lifetime", metavar="SECONDS", help="lifetime of issued tokens (default 3600)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain; with --tls-key the API serves HTTPS")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert, not encrypted")
+    parser.add_argument(
+        "--tls-client-ca", metavar="FILE",
+        help="PEM CA certificates; a client certificate they signed may replace the secret in token requests",
+    )
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     return parser
 

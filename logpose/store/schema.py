@@ -48,6 +48,7 @@ instances = Table(
     Column("protocol", String(16), nullable=False),
     Column("check_type", String(16), nullable=False),
     Column("check_ttl", Float, nullable=True),
+    Column("check_settings", Text, nullable=False, server_default="{}"),  # JSON object
     Column("tags", Text, nullable=False),  # JSON array
     Column("metadata", Text, nullable=False),  # JSON object
     Column("weight", Integer, nullable=False),
@@ -57,6 +58,8 @@ instances = Table(
     Column("modify_index", BigInteger, nullable=False),
     Column("registered_at", Float, nullable=False),  # Unix time, seconds
     Column("updated_at", Float, nullable=False),
+    Column("maintenance_reason", Text, nullable=True),  # NULL: not in maintenance
+    Column("maintenance_since", Float, nullable=True),
     UniqueConstraint("service_code", "host_key", "port", "protocol", name="uq_instances_registration_key"),
 )
 

@@ -177,6 +177,22 @@ class SqlStore:
                 )
             )
 
+    async def update_client(self, client: ClientRecord) -> bool:
+        """Replace the role, services and secret hash of a client; return False when it does not exist."""
+        async with self._transaction() as connection:
+            updated = await connection.execute(
+                sa.update(schema.clients)
+                .where(schema.clients.c.common_name == client.common_name)
+                .values(role=client.role, services=json.dumps(list(client.services)), secret_hash=client.secret_hash)
+            )
+        return updated.rowcount == 1
+
+    async def delete_client(self, common_name: str) -> bool:
+        """Delete a client; return False when it does not exist."""
+        async with self._transaction() as connection:
+            deleted = await connection.execute(sa.delete(schema.clients).where(schema.clients.c.common_name == common_name))
+        return deleted.rowcount == 1
+
     # ----- connections and error mapping ------------------------------------
 
     def _connect(self) -> "_Guarded":
@@ -258,6 +274,9 @@ def _instance_row(instance: Instance) -> dict[str, Any]:
         "protocol": instance.protocol.value,
         "check_type": instance.check.type.value,
         "check_ttl": instance.check.ttl,
+        "check_settings": json.dumps(_check_settings(instance.check)),
+        "maintenance_reason": instance.maintenance_reason,
+        "maintenance_since": instance.maintenance_since,
         "tags": json.dumps(list(instance.tags)),
         "metadata": json.dumps(dict(instance.metadata)),
         "weight": instance.weight,
@@ -277,7 +296,7 @@ def _instance_from_row(row: Any) -> Instance:
         address=Address(row["host"], row["port"], AddressKind(row["address_kind"])),
         protocol=Protocol(row["protocol"]),
         health=Health(row["health"]),
-        check=Check(CheckType(row["check_type"]), row["check_ttl"]),
+        check=Check(CheckType(row["check_type"]), row["check_ttl"], **json.loads(row["check_settings"])),
         tags=tuple(json.loads(row["tags"])),
         metadata=json.loads(row["metadata"]),
         weight=row["weight"],
@@ -286,7 +305,18 @@ def _instance_from_row(row: Any) -> Instance:
         modify_index=row["modify_index"],
         registered_at=row["registered_at"],
         updated_at=row["updated_at"],
+        maintenance_reason=row["maintenance_reason"],
+        maintenance_since=row["maintenance_since"],
     )
+
+
+def _check_settings(check: Check) -> dict[str, Any]:
+    """Return the check fields stored as JSON: all but type and ttl, which have columns."""
+    return {
+        name: getattr(check, name)
+        for name in ("interval", "timeout", "rise", "fall", "deregister_after",
+                     "path", "scheme", "tls_verify", "expected_status")
+    }
 
 
 def _client_from_row(row: Any) -> ClientRecord:
