@@ -21,6 +21,7 @@ ENVIRONMENT_PREFIX = "LOGPOSE_"
 MIN_JWT_KEY_BYTES = 32  # RFC 7518 §3.2: an HS256 key has at least 256 bits
 
 HostPort = tuple[str, int]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,13 @@ class Settings:
     mass_failure_guard: bool = True
     mass_failure_share: float = 0.5  # share of instances failing at once that engages the guard
     dns_ttl: int = 5  # seconds
+    dns_max_udp_payload: int = 1232  # bytes; EDNS0 size advertised and largest UDP answer
+    dns_answer_limit: int = 0  # A/AAAA records per service name and answer; 0: no limit
+    dns_reverse_zones: tuple[Network, ...] = ()  # networks answered with PTR records
+    dns_allow: tuple[Network, ...] = ()  # networks that may query DNS; empty: everyone
+    dns_rate_limit: int = 0  # UDP responses per second and source address; 0: no limit
+    recursors: tuple[HostPort, ...] = ()  # resolvers for names outside the zone; empty: REFUSED
+    recursor_timeout: float = 2.0  # seconds per recursor
     jwt_key: str | None = None  # None: a random key kept in data_dir/jwt.key
     token_lifetime: int = 3600  # seconds
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key the HTTP API serves HTTPS
@@ -71,6 +79,33 @@ def _host_port_list(value: Any, key: str) -> tuple[HostPort, ...]:
     if not items:
         raise ConfigError(f"{key}: must be one or more 'HOST:PORT' addresses, got {value!r}")
     return tuple(parse_host_port(item.strip() if isinstance(item, str) else item, key) for item in items)
+
+
+def _list_items(value: Any, key: str, example: str) -> list[str]:
+    """Split a list, a comma-separated string, or a list of such strings into items."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{key}: must be a list of strings like {example!r}, got {value!r}")
+    return [item.strip() for text in value for item in text.split(",") if item.strip()]
+
+
+def _network_list(value: Any, key: str) -> tuple[Network, ...]:
+    networks = []
+    for item in _list_items(value, key, "10.0.0.0/8"):
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {item!r} is not a network like '10.0.0.0/8' or 'fd00::/8' ({exc})") from None
+    return tuple(networks)
+
+
+def _recursor_list(value: Any, key: str) -> tuple[HostPort, ...]:
+    recursors = tuple(parse_host_port(item, key) for item in _list_items(value, key, "127.0.0.53:53"))
+    for host, port in recursors:
+        if port == 0:
+            raise ConfigError(f"{key}: the port of recursor {host} must be from 1 to 65535, got 0")
+    return recursors
 
 
 def _seconds(minimum: float, maximum: float) -> Callable[[Any, str], float]:
@@ -166,6 +201,13 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "mass_failure_guard": _boolean,
     "mass_failure_share": _share,
     "dns_ttl": _whole(0, 86400, " of seconds"),
+    "dns_max_udp_payload": _whole(512, 65535, " of bytes"),
+    "dns_answer_limit": _whole(0, 65535),
+    "dns_reverse_zones": _network_list,
+    "dns_allow": _network_list,
+    "dns_rate_limit": _whole(0, 1_000_000, " of responses per second"),
+    "recursors": _recursor_list,
+    "recursor_timeout": _seconds(0.01, 60),
     "jwt_key": _jwt_key,
     "token_lifetime": _whole(60, 86400 * 30, " of seconds"),
     "tls_cert": lambda value, key: Path(_text(value, key)),

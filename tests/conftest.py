@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -37,8 +38,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerProcess:
     """A ``logpose-server`` child process with its data directory and ports."""
 
-    def __init__(self, data_dir: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(self, data_dir: Path, extra_args: list[str] | None = None, ca_file: Path | None = None) -> None:
         self.data_dir = data_dir
+        self.ca_file = ca_file  # CA of the server's TLS certificate; None: the server speaks plain HTTP
         self.http_port = free_port()
         self.dns_port = free_port()
         self.extra_args = extra_args or []
@@ -47,7 +49,13 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        scheme = "https" if self.ca_file else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """The ``verify`` argument for httpx: a context that trusts ``ca_file``, or True."""
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
 
     def command(self) -> list[str]:
         return [
@@ -69,7 +77,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/healthz", timeout=1, verify=self.verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -104,6 +112,7 @@ class ServerProcess:
             self.url + "/api/auth/token",
             json={"common_name": "admin", "secret": self.admin_secret()},
             timeout=10,
+            verify=self.verify,
         )
         answer.raise_for_status()
         return answer.json()["access_token"]
@@ -111,7 +120,7 @@ class ServerProcess:
     def client(self) -> httpx.Client:
         """Return an HTTP client with the admin's Bearer token."""
         return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {self.token()}"}, timeout=10
+            base_url=self.url, headers={"Authorization": f"Bearer {self.token()}"}, timeout=10, verify=self.verify
         )
 
 

@@ -116,3 +116,21 @@ def test_missing_credentials_is_one_line(cli):
     result = cli("service", "list", credentials=False)
     assert result.returncode == 2
     assert "missing credentials" in one_error_line(result)
+
+
+def test_drain_undrain_and_history(cli, server):
+    added = cli("--output", "json", "instance", "add", "--service", "web", "--address",
+                f"127.0.0.1:{server.http_port}", "--protocol", "Http", "--check-path", "/healthz")
+    assert added.returncode == 0, added.stderr
+    instance = json.loads(added.stdout)
+    assert instance["check"]["type"] == "http"
+    assert wait_until(lambda: json.loads(cli("--output", "json", "discover", "web").stdout), timeout=5)
+
+    drained = cli("instance", "drain", instance["id"], "--reason", "kernel update")
+    assert drained.returncode == 0, drained.stderr
+    assert json.loads(cli("--output", "json", "discover", "web").stdout) == []
+    assert cli("instance", "undrain", instance["id"]).returncode == 0
+    assert json.loads(cli("--output", "json", "discover", "web").stdout)
+
+    history = cli("instance", "history", instance["id"])
+    assert "Healthy" in history.stdout

@@ -307,6 +307,8 @@ def test_any_answers_one_rrset(responder):
         f"x._http._tcp.auth-svc.{ZONE}",
         f"x.{HTTP_1}.auth-svc.{ZONE}",
         f"x.ns.{ZONE}",
+        f"v4only.auth-svc.{ZONE}",  # another service's name below this one answers nothing
+        f"auth-svc.v4only.{ZONE}",
     ],
 )
 @pytest.mark.parametrize("rdtype", ["A", "SRV"])
@@ -634,6 +636,8 @@ def pointer_chain_message(length: int) -> bytes:
         header(arcount=2) + QUESTION + 2 * (b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)),  # two OPT records
         pointer_chain_message(5000),  # recursion in dnslib's name decoder
         header(ancount=1) + QUESTION + b"\xff" * 5,  # answer record cut short
+        header() + QUESTION + b"garbage",  # bytes after the last record
+        header(arcount=1) + QUESTION,  # a count that promises a record that is not there
     ],
 )
 def test_malformed_gets_formerr(responder, wire):
@@ -727,8 +731,263 @@ def test_zone_settings_defaults():
         ({"ns_addresses": "127.0.0.1"}, "ns_addresses"),
         ({"max_udp_payload": 511}, "max_udp_payload"),
         ({"max_udp_payload": 65536}, "max_udp_payload"),
+        ({"answer_limit": -1}, "answer_limit"),
+        ({"answer_limit": 2.0}, "answer_limit"),
+        ({"reverse_zones": "10.0.0.0/8"}, "reverse_zones"),
+        ({"reverse_zones": ["10.0.0.1/8"]}, "host bits"),
+        ({"reverse_zones": ["not-a-network"]}, "reverse_zones"),
+        ({"allow": ["127.0.0.0/33"]}, "allow"),
+        ({"recursors": [("localhost", 53)]}, "IP address"),
+        ({"recursors": [("127.0.0.1", 0)]}, "port 0"),
+        ({"recursors": ["127.0.0.1:53"]}, "pair"),
+        ({"recursor_timeout": 0}, "recursor_timeout"),
+        ({"recursor_timeout": 61}, "recursor_timeout"),
     ],
 )
 def test_zone_settings_rejected(settings, message):
     with pytest.raises(ConfigError, match=message):
         ZoneSettings(**settings)
+
+
+# ----- reverse zones (PTR) ---------------------------------------------------
+
+REVERSE_ZONES = ["10.0.0.0/12", "2001:db8::/32"]
+
+
+def reverse_v4(address: str) -> str:
+    return ".".join(reversed(address.split("."))) + ".in-addr.arpa."
+
+
+def reverse_v6(address: str) -> str:
+    import ipaddress
+
+    return ipaddress.ip_address(address).reverse_pointer + "."
+
+
+@pytest.fixture
+def reverse_responder() -> Responder:
+    return make_responder(reverse_zones=REVERSE_ZONES)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        # 10.0.0.1 is shared by HTTP_1 and GRPC_1, so it has two names.
+        (reverse_v4("10.0.0.1"), {instance_name(HTTP_1), instance_name(GRPC_1)}),
+        (reverse_v4("10.0.0.2"), {instance_name(HTTP_2)}),
+        (reverse_v4("10.2.0.1"), {instance_name(UDP_1, "udp-svc")}),
+        (reverse_v6("2001:db8::1"), {instance_name(HTTP_V6)}),
+        (reverse_v6("2001:db8::1").upper(), {instance_name(HTTP_V6)}),
+    ],
+)
+def test_ptr_names_healthy_instances(reverse_responder, name, expected):
+    response = ask(reverse_responder, name, "PTR")
+
+    assert response.rcode() == dns.rcode.NOERROR
+    assert response.flags & dns.flags.AA
+    assert answer_texts(response, "PTR") == expected
+    assert len(answer_records(response)) == len(expected)
+    assert all(rrset.ttl == TTL for rrset in response.answer)
+    assert response.question[0].name.to_text() == name
+
+
+@pytest.mark.parametrize(
+    ("name", "apex"),
+    [
+        (reverse_v4("10.0.0.9"), "0.10.in-addr.arpa."),  # Unhealthy instance
+        (reverse_v4("10.0.0.7"), "0.10.in-addr.arpa."),  # no instance
+        (reverse_v4("10.15.255.255"), "15.10.in-addr.arpa."),
+        ("01.0.0.10.in-addr.arpa.", "0.10.in-addr.arpa."),  # not the canonical spelling
+        ("x.1.0.0.10.in-addr.arpa.", "0.10.in-addr.arpa."),
+        ("1.5.10.in-addr.arpa.", "5.10.in-addr.arpa."),  # nothing below this name
+        ("7.7.10.in-addr.arpa.", "7.10.in-addr.arpa."),
+        (reverse_v6("2001:db8::2"), "8.b.d.0.1.0.0.2.ip6.arpa."),
+    ],
+)
+def test_ptr_nxdomain_has_reverse_soa(reverse_responder, name, apex):
+    response = ask(reverse_responder, name, "PTR")
+
+    assert response.rcode() == dns.rcode.NXDOMAIN
+    assert response.flags & dns.flags.AA
+    [soa] = response.authority
+    assert soa.rdtype == dns.rdatatype.SOA
+    assert soa.name.to_text() == apex
+    assert list(soa)[0].mname.to_text() == f"ns.{ZONE}."
+
+
+@pytest.mark.parametrize(
+    ("name", "rdtype"),
+    [
+        ("0.0.10.in-addr.arpa.", "PTR"),  # an empty non-terminal above 10.0.0.1
+        ("0.10.in-addr.arpa.", "PTR"),  # a reverse zone apex
+        (reverse_v4("10.0.0.1"), "A"),
+        (reverse_v4("10.0.0.1"), "TXT"),
+    ],
+)
+def test_ptr_zone_nodata(reverse_responder, name, rdtype):
+    response = ask(reverse_responder, name, rdtype)
+
+    assert response.rcode() == dns.rcode.NOERROR
+    assert response.answer == []
+    [soa] = response.authority
+    assert soa.rdtype == dns.rdatatype.SOA
+
+
+def test_ptr_reverse_apex_soa_and_ns(reverse_responder):
+    soa = ask(reverse_responder, "0.10.in-addr.arpa", "SOA")
+    ns = ask(reverse_responder, "8.b.d.0.1.0.0.2.ip6.arpa", "NS")
+
+    assert [rrset.name.to_text() for rrset in soa.answer] == ["0.10.in-addr.arpa."]
+    assert answer_texts(ns, "NS") == {f"ns.{ZONE}."}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        reverse_v4("10.16.0.1"),  # just outside 10.0.0.0/12
+        "10.in-addr.arpa.",  # above the /16 zones that 10.0.0.0/12 is split into
+        reverse_v4("192.0.2.1"),
+        reverse_v6("2001:db9::1"),
+    ],
+)
+def test_ptr_outside_reverse_zones_refused(reverse_responder, name):
+    response = ask(reverse_responder, name, "PTR")
+
+    assert response.rcode() == dns.rcode.REFUSED
+    assert not response.flags & dns.flags.AA
+
+
+def test_ptr_without_reverse_zones_refused(responder):
+    assert ask(responder, reverse_v4("10.0.0.1"), "PTR").rcode() == dns.rcode.REFUSED
+
+
+def test_ptr_follows_health_changes():
+    registry = make_registry()
+    responder = make_responder(registry, reverse_zones=REVERSE_ZONES)
+    name = reverse_v4("10.0.0.9")
+    assert ask(responder, name, "PTR").rcode() == dns.rcode.NXDOMAIN
+
+    registry.report_health(SICK, Health.HEALTHY, "recovered")
+
+    assert answer_texts(ask(responder, name, "PTR"), "PTR") == {instance_name(SICK)}
+
+
+def test_ptr_single_address_reverse_zone():
+    responder = make_responder(reverse_zones=["10.0.0.2/32"])
+    name = reverse_v4("10.0.0.2")
+
+    assert answer_texts(ask(responder, name, "PTR"), "PTR") == {instance_name(HTTP_2)}
+    assert answer_texts(ask(responder, name, "SOA"), "SOA") != set()
+    assert ask(responder, reverse_v4("10.0.0.1"), "PTR").rcode() == dns.rcode.REFUSED
+
+
+def test_any_on_ptr_name(reverse_responder):
+    response = ask(reverse_responder, reverse_v4("10.0.0.2"), "ANY")
+
+    assert [dns.rdatatype.to_text(rrset.rdtype) for rrset in response.answer] == ["PTR"]
+
+
+# ----- answer limit -----------------------------------------------------------
+
+
+def wide_registry(count: int) -> Registry:
+    return make_registry([
+        make_instance(f"{index:08x}-0000-4000-8000-000000000002", "wide", f"10.8.0.{index + 1}:80", Protocol.HTTP)
+        for index in range(count)
+    ])
+
+
+def test_answer_limit_caps_addresses_and_rotates():
+    responder = make_responder(wide_registry(5), answer_limit=2)
+
+    answers = [answer_texts(ask(responder, f"wide.{ZONE}", "A"), "A") for _ in range(5)]
+
+    assert all(len(addresses) == 2 for addresses in answers)
+    assert set().union(*answers) == {f"10.8.0.{number}" for number in range(1, 6)}
+
+
+def test_answer_limit_leaves_srv_whole():
+    responder = make_responder(wide_registry(5), answer_limit=2)
+
+    assert len(answer_records(ask(responder, f"wide.{ZONE}", "SRV"))) == 5
+
+
+def test_answer_limit_zero_is_unlimited():
+    responder = make_responder(wide_registry(5))
+
+    assert len(answer_records(ask(responder, f"wide.{ZONE}", "A"))) == 5
+
+
+# ----- allow list -------------------------------------------------------------
+
+
+def ask_from(responder: Responder, source: str | None, name: str = f"auth-svc.{ZONE}") -> dns.message.Message:
+    query = dns.message.make_query(name, "A")
+    return dns.message.from_wire(responder.respond(query.to_wire(), "udp", source=source))
+
+
+@pytest.mark.parametrize(
+    ("source", "rcode"),
+    [
+        ("127.0.0.1", dns.rcode.NOERROR),
+        ("10.1.2.3", dns.rcode.NOERROR),
+        ("::1", dns.rcode.NOERROR),
+        ("192.0.2.1", dns.rcode.REFUSED),
+        ("2001:db8::1", dns.rcode.REFUSED),
+        ("not-an-address", dns.rcode.REFUSED),
+        (None, dns.rcode.REFUSED),
+    ],
+)
+def test_allow_list(source, rcode):
+    responder = make_responder(allow=["127.0.0.0/8", "10.0.0.0/8", "::1/128"])
+
+    response = ask_from(responder, source)
+
+    assert response.rcode() == rcode
+    if rcode == dns.rcode.REFUSED:
+        assert response.answer == []
+        assert response.authority == []
+        assert not response.flags & dns.flags.AA
+
+
+def test_empty_allow_list_answers_everyone(responder):
+    assert ask_from(responder, "192.0.2.1").rcode() == dns.rcode.NOERROR
+    assert ask_from(responder, None).rcode() == dns.rcode.NOERROR
+
+
+# ----- recursion available and forwarding decisions ---------------------------
+
+
+def test_ra_set_when_recursors_configured():
+    responder = make_responder(recursors=[("127.0.0.1", 5300)])
+
+    in_zone = ask(responder, f"auth-svc.{ZONE}", "A")
+    negative = ask(responder, f"nothing.{ZONE}", "A")
+
+    assert in_zone.flags & dns.flags.RA
+    assert negative.flags & dns.flags.RA
+    assert in_zone.flags & dns.flags.AA
+
+
+def test_outside_zone_with_recursors_is_forwarded():
+    from logpose.nameserver.answer import ForwardedQuery
+
+    responder = make_responder(recursors=[("127.0.0.1", 5300)])
+    query = dns.message.make_query("example.com", "A")
+
+    assert isinstance(responder.respond(query.to_wire(), "udp"), ForwardedQuery)
+
+
+def test_outside_zone_without_rd_not_forwarded():
+    responder = make_responder(recursors=[("127.0.0.1", 5300)])
+
+    response = ask(responder, "example.com", "A", flags=0)
+
+    assert response.rcode() == dns.rcode.REFUSED
+    assert response.flags & dns.flags.RA
+
+
+def test_zone_transfer_refused_with_recursors():
+    responder = make_responder(recursors=[("127.0.0.1", 5300)])
+
+    assert ask(responder, "example.com", "AXFR", transport="tcp").rcode() == dns.rcode.REFUSED

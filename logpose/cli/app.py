@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 import re
 import sys
 import uuid
@@ -26,6 +27,7 @@ import httpx
 import typer
 
 from logpose import __version__
+from logpose.auth import parse_client_services, parse_common_name, parse_role
 from logpose.cli.client import ApiError, LogPoseClient
 from logpose.errors import LogPoseError, ValidationError
 from logpose.model import (
@@ -81,9 +83,13 @@ app = typer.Typer(
 service_app = typer.Typer(help="Create, list, show and remove services.", no_args_is_help=True, rich_markup_mode=None)
 instance_app = typer.Typer(help="Register, list, show and remove instances.", no_args_is_help=True, rich_markup_mode=None)
 health_app = typer.Typer(help="Report the health of an instance.", no_args_is_help=True, rich_markup_mode=None)
+client_app = typer.Typer(
+    help="Create, list, show and remove clients, and rotate their secrets.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(service_app, name="service")
 app.add_typer(instance_app, name="instance")
 app.add_typer(health_app, name="health")
+app.add_typer(client_app, name="client")
 
 
 def _print_version(value: bool) -> None:
@@ -225,7 +231,7 @@ def instance_add(
         str | None,
         typer.Option(
             "--check",
-            metavar="tcp|ttl|none",
+            metavar="tcp|http|ttl|none",
             help="Health check; the server picks tcp, or none for Udp, when this is not given.",
         ),
     ] = None,
@@ -235,10 +241,23 @@ def instance_add(
             "--ttl", metavar="SECONDS", help="Seconds allowed between health reports; implies --check ttl."
         ),
     ] = None,
+    check_path: Annotated[
+        str | None,
+        typer.Option("--check-path", metavar="PATH", help="URL path of an HTTP check, like /health; implies --check http."),
+    ] = None,
+    check_interval: Annotated[
+        str | None,
+        typer.Option("--check-interval", metavar="SECONDS", help="Seconds between probes; the server default when not given."),
+    ] = None,
+    check_timeout: Annotated[
+        str | None,
+        typer.Option("--check-timeout", metavar="SECONDS", help="Seconds before a probe fails; less than the interval."),
+    ] = None,
 ) -> None:
     """Register an instance, or update it if the same address and protocol are already registered."""
     service = _validate(parse_service_code, service, "--service")
-    body = _registration_body(address, protocol, tags or [], meta or [], weight, check, ttl)
+    probe = {"path": check_path, "interval": check_interval, "timeout": check_timeout}
+    body = _registration_body(address, protocol, tags or [], meta or [], weight, check, ttl, probe)
 
     instance, created = _connect(ctx).register_instance(service, body)
 
@@ -285,6 +304,166 @@ def instance_remove(
     instance_id = _parse_instance_id(instance_id)
     _connect(ctx).delete_instance(instance_id)
     _note(_settings(ctx), f"removed instance {instance_id}")
+
+
+@instance_app.command("drain")
+def instance_drain(
+    ctx: typer.Context,
+    instance_id: Annotated[str, typer.Argument(metavar="ID", help="Instance id (a UUID).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why, shown in instance show (at most 500 characters).")] = "maintenance",
+) -> None:
+    """Take an instance out of discovery (DNS and HTTP) without deregistering it."""
+    instance_id = _parse_instance_id(instance_id)
+    if not reason or len(reason) > 500:
+        raise InvalidUsageError(f"invalid value for --reason: must be 1 to 500 characters, got {len(reason)}")
+    instance = _connect(ctx).set_maintenance(instance_id, True, reason)
+    _emit(_settings(ctx), instance, _print_instance)
+    _note(_settings(ctx), f"drained instance {instance_id}")
+
+
+@instance_app.command("undrain")
+def instance_undrain(
+    ctx: typer.Context,
+    instance_id: Annotated[str, typer.Argument(metavar="ID", help="Instance id (a UUID).")],
+) -> None:
+    """Return a drained instance to discovery; its checks decide whether it is answered."""
+    instance_id = _parse_instance_id(instance_id)
+    instance = _connect(ctx).set_maintenance(instance_id, False)
+    _emit(_settings(ctx), instance, _print_instance)
+    _note(_settings(ctx), f"undrained instance {instance_id}")
+
+
+@instance_app.command("history")
+def instance_history(
+    ctx: typer.Context,
+    instance_id: Annotated[str, typer.Argument(metavar="ID", help="Instance id (a UUID).")],
+) -> None:
+    """Show an instance's recent health transitions, oldest first."""
+    instance_id = _parse_instance_id(instance_id)
+    transitions = _connect(ctx).instance_history(instance_id)
+    _emit(
+        _settings(ctx),
+        transitions,
+        lambda rows: _print_table(
+            ["AT", "FROM", "TO", "OUTPUT"], [[row.get("at"), row.get("from"), row.get("to"), row.get("output")] for row in rows]
+        ),
+    )
+
+
+# Clients
+
+
+@client_app.command("add")
+def client_add(
+    ctx: typer.Context,
+    common_name: Annotated[
+        str, typer.Argument(metavar="NAME", help="Client name: 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', '@', '-'.")
+    ],
+    role: Annotated[str, typer.Option("--role", metavar="reader|registrar|admin", help="What the client may do.")],
+    services: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--service", metavar="CODE",
+            help="A service a registrar may write to, or '*' for every service; repeat the flag for several.",
+        ),
+    ] = None,
+    save_secret: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-secret", metavar="FILE",
+            help="Write the new secret to FILE, created with mode 0600, instead of printing it.",
+        ),
+    ] = None,
+) -> None:
+    """Create a client and show its secret, which the server stores only as a hash and never shows again."""
+    common_name = _validate(parse_common_name, common_name, "NAME")
+    role = _validate(parse_role, role, "--role")
+    service_codes = list(_validate(parse_client_services, list(services or []), "--service", role))
+    _check_secret_destination(save_secret)
+
+    client = _connect(ctx).create_client(common_name, role, service_codes)
+
+    settings = _settings(ctx)
+    _note(settings, f"created client {common_name!r}")
+    _emit_client_secret(settings, client, save_secret)
+
+
+@client_app.command("list")
+def client_list(ctx: typer.Context) -> None:
+    """List every client with its role and services."""
+    clients = _connect(ctx).list_clients()
+    _emit(_settings(ctx), clients, _print_clients)
+
+
+@client_app.command("show")
+def client_show(
+    ctx: typer.Context,
+    common_name: Annotated[str, typer.Argument(metavar="NAME", help="Client name.")],
+) -> None:
+    """Show one client."""
+    common_name = _validate(parse_common_name, common_name, "NAME")
+    client = _connect(ctx).get_client(common_name)
+    _emit(_settings(ctx), client, _print_client)
+
+
+@client_app.command("remove")
+def client_remove(
+    ctx: typer.Context,
+    common_name: Annotated[str, typer.Argument(metavar="NAME", help="Client name.")],
+) -> None:
+    """Remove a client; its tokens stop working at once. The server keeps at least one admin."""
+    common_name = _validate(parse_common_name, common_name, "NAME")
+    _connect(ctx).delete_client(common_name)
+    _note(_settings(ctx), f"removed client {common_name!r}")
+
+
+@client_app.command("rotate")
+def client_rotate(
+    ctx: typer.Context,
+    common_name: Annotated[str, typer.Argument(metavar="NAME", help="Client name.")],
+    save_secret: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-secret", metavar="FILE",
+            help="Write the new secret to FILE, created with mode 0600, instead of printing it.",
+        ),
+    ] = None,
+) -> None:
+    """Give a client a new secret; its earlier tokens stop working at once."""
+    common_name = _validate(parse_common_name, common_name, "NAME")
+    _check_secret_destination(save_secret)
+
+    client = _connect(ctx).rotate_client_secret(common_name)
+
+    settings = _settings(ctx)
+    _note(settings, f"rotated the secret of client {common_name!r}")
+    _emit_client_secret(settings, client, save_secret)
+
+
+def _check_secret_destination(path: Path | None) -> None:
+    """Reject a --save-secret file before the request, so a new secret is never lost."""
+    if path is not None and (path.exists() or not path.parent.is_dir()):
+        reason = "exists" if path.exists() else "is in a directory that does not exist"
+        raise InvalidUsageError(f"--save-secret {path} {reason}; give a new file in an existing directory")
+
+
+def _emit_client_secret(settings: Settings, client: dict[str, Any], path: Path | None) -> None:
+    """Show a client with its new secret, or save the secret to ``path`` and show the client without it."""
+    secret = client.get("secret")
+    if path is not None and isinstance(secret, str):
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+                file.write(secret + "\n")
+        except OSError as exc:
+            # The server cannot show this secret again, so print it rather than lose it.
+            typer.echo(f"cannot write --save-secret {path}: {exc.strerror or exc}; the secret is shown instead", err=True)
+        else:
+            client = {key: value for key, value in client.items() if key != "secret"}
+            typer.echo(f"saved the secret to {path}", err=True)
+    if "secret" in client:
+        typer.echo("keep the secret now: the server stores only its hash and cannot show it again", err=True)
+    _emit(settings, client, _print_client)
 
 
 # Discovery, health and tokens
@@ -438,6 +617,7 @@ def _registration_body(
     weight: str | None,
     check: str | None,
     ttl: str | None,
+    probe: dict[str, str | None],
 ) -> dict[str, Any]:
     """Validate the flags of ``instance add`` and build the registration request body."""
     parsed_protocol = _validate(parse_protocol, protocol, "--protocol")
@@ -454,20 +634,28 @@ def _registration_body(
 
     if check is None and ttl is not None:
         check = "ttl"
+    if check is None and probe["path"] is not None:
+        check = "http"
+    if check is None and (probe["interval"] is not None or probe["timeout"] is not None):
+        check = "tcp"
     if check is not None:
         if check.lower() == "ttl" and ttl is None:
             raise InvalidUsageError("--check ttl needs --ttl SECONDS, the time allowed between health reports")
         requested: dict[str, Any] = {"type": check}
         if ttl is not None:
             requested["ttl"] = _parse_seconds(ttl, "--ttl")
+        if probe["path"] is not None:
+            requested["path"] = probe["path"]
+        for name in ("interval", "timeout"):
+            if probe[name] is not None:
+                requested[name] = _parse_seconds(probe[name], f"--check-{name}")
         try:
             parsed_check = parse_check(requested, parsed_protocol)
         except ValidationError as exc:
-            flag = "--ttl" if exc.field.endswith(".ttl") else "--check"
+            flags = {"ttl": "--ttl", "path": "--check-path", "interval": "--check-interval", "timeout": "--check-timeout"}
+            flag = flags.get(exc.field.rsplit(".", 1)[-1], "--check")
             raise typer.BadParameter(exc.reason, param_hint=flag) from exc
-        body["check"] = {"type": parsed_check.type.value}
-        if parsed_check.ttl is not None:
-            body["check"]["ttl"] = parsed_check.ttl
+        body["check"] = {key: value for key, value in parsed_check.to_json().items() if value is not None}
     return body
 
 
@@ -658,6 +846,26 @@ def _format_metadata(metadata: Any) -> str:
     if not isinstance(metadata, dict):
         return ""
     return ", ".join(f"{key}={value}" for key, value in metadata.items())
+
+
+def _print_clients(clients: list[dict[str, Any]]) -> None:
+    if not clients:
+        typer.echo("no clients", err=True)
+        return
+    rows = [(c.get("common_name"), c.get("role"), _format_tags(c.get("services")), c.get("created_at")) for c in clients]
+    _print_table(("NAME", "ROLE", "SERVICES", "CREATED"), rows)
+
+
+def _print_client(client: dict[str, Any]) -> None:
+    pairs = [
+        ("Name", client.get("common_name")),
+        ("Role", client.get("role")),
+        ("Services", _format_tags(client.get("services"))),
+        ("Created", client.get("created_at")),
+    ]
+    if "secret" in client:
+        pairs.append(("Secret", client.get("secret")))
+    _print_fields(pairs)
 
 
 # Entry point

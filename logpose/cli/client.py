@@ -102,11 +102,40 @@ class LogPoseClient:
             body["output"] = output
         return self._json(self._request("POST", f"/api/instances/{_segment(instance_id)}/health", json=body))
 
+    def set_maintenance(self, instance_id: str, enabled: bool, reason: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"enabled": enabled}
+        if reason is not None:
+            body["reason"] = reason
+        return self._json(self._request("POST", f"/api/instances/{_segment(instance_id)}/maintenance", json=body))
+
+    def instance_history(self, instance_id: str) -> list[dict[str, Any]]:
+        return self._json(self._request("GET", f"/api/instances/{_segment(instance_id)}/history"))
+
     # Discovery
 
     def discover(self, service: str) -> list[dict[str, Any]]:
         """Return the healthy instances of a service, as the server orders them."""
         return self._json(self._request("GET", f"/api/discover/{_segment(service)}"))
+
+    # Clients
+
+    def create_client(self, common_name: str, role: str, services: list[str]) -> dict[str, Any]:
+        """Create a client; the answer carries its ``secret``, which the server never shows again."""
+        body = {"common_name": common_name, "role": role, "services": services}
+        return self._json(self._request("POST", "/api/clients", json=body))
+
+    def list_clients(self) -> list[dict[str, Any]]:
+        return self._json(self._request("GET", "/api/clients"))
+
+    def get_client(self, common_name: str) -> dict[str, Any]:
+        return self._json(self._request("GET", f"/api/clients/{_segment(common_name)}"))
+
+    def delete_client(self, common_name: str) -> None:
+        self._request("DELETE", f"/api/clients/{_segment(common_name)}")
+
+    def rotate_client_secret(self, common_name: str) -> dict[str, Any]:
+        """Give a client a new secret, returned in ``secret``; its earlier tokens stop working."""
+        return self._json(self._request("POST", f"/api/clients/{_segment(common_name)}/rotate"))
 
     # Transport
 

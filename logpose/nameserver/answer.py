@@ -11,6 +11,10 @@ to the zone apex:
     _<protocol>._<transport>.<service>  SRV of the instances of that protocol (RFC 2782)
     <instance-id>.<service>             A or AAAA, or CNAME to the instance's host name
 
+With ``ZoneSettings.reverse_zones``, the server is also authoritative for the reverse
+zones of those networks: ``<address>.in-addr.arpa`` and ``<address>.ip6.arpa`` get a
+PTR to ``<instance-id>.<service>.<zone>`` of each healthy instance at that address.
+
 A service without a healthy instance does not exist, and neither does any name below
 it (NXDOMAIN, RFC 8020). SRV records all have priority 1 and carry the instance's
 weight and port. An SRV target of an IP instance is ``<instance-id>.<service>.<zone>``,
@@ -23,6 +27,10 @@ Choices where the RFCs leave room:
 - ANY gets one RRset that exists at the name: SOA, else A, else AAAA, else SRV
   (RFC 8482 §4.1), or NODATA.
 - AXFR and IXFR are REFUSED: the zone lives in memory and has no secondaries.
+- A message with bytes after its last record gets FORMERR, as BIND does.
+- With recursors configured, a query outside the zone with RD set is forwarded, and
+  RA is set on every response (RFC 1035 §4.1.1). Without RD it is REFUSED, because
+  the client did not ask for recursion.
 """
 
 from __future__ import annotations
@@ -31,14 +39,17 @@ import enum
 import ipaddress
 import logging
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, TypeVar
 
-from dnslib import CLASS, CNAME, EDNS0, NS, OPCODE, QTYPE, RCODE, RR, SOA, SRV, A, AAAA, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib import CLASS, CNAME, EDNS0, NS, OPCODE, PTR, QTYPE, RCODE, RR, SOA, SRV, A, AAAA, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib.label import DNSBuffer
 
 from logpose.log import dns_log
 from logpose.model import AddressKind, Instance
+from logpose.nameserver.forward import Forwarder, ForwardError
+from logpose.nameserver.reverse import address_of, reverse_apexes, reverse_name
+from logpose.nameserver.throttle import LogThrottle
 from logpose.nameserver.zone import MAX_MESSAGE_SIZE, MIN_UDP_PAYLOAD, ZoneSettings
 
 if TYPE_CHECKING:
@@ -57,11 +68,11 @@ SOA_EXPIRE = 86400
 
 _MAX_LABEL_LENGTH = 63  # RFC 1035 §2.3.4
 _MAX_NAME_LENGTH = 255  # on the wire, length octets and root included
-_ANY_PREFERENCE = (QTYPE.SOA, QTYPE.A, QTYPE.AAAA, QTYPE.SRV)
+_ANY_PREFERENCE = (QTYPE.SOA, QTYPE.A, QTYPE.AAAA, QTYPE.SRV, QTYPE.PTR)
 _ZONE_TRANSFER_TYPES = frozenset({QTYPE.AXFR, QTYPE.IXFR})
 _QR_FLAG = 0x8000
 _MAX_ROTATION_KEYS = 10_000
-_FAILURE_LOG_INTERVAL = 10.0  # seconds between two logged SERVFAIL tracebacks
+_FAILURE_LOG_INTERVAL = 10.0  # seconds between two logged SERVFAIL tracebacks or forwarding failures
 
 _header_struct = struct.Struct("!HH")
 
@@ -90,6 +101,10 @@ class _BadEdnsVersion(_QueryError):
 
 class _Refused(_QueryError):
     """A question this server is not authoritative for or does not serve (REFUSED)."""
+
+
+class _Forward(_QueryError):
+    """A question outside the zone that goes to the recursors."""
 
 
 class _NameNotFound(_QueryError):
@@ -139,11 +154,15 @@ class _Request:
     cd: int
     question: DNSQuestion | None = None
     edns: RR | None = None  # the query's OPT record
+    apex: DNSLabel | None = None  # the apex of the zone the question is in, once known
 
 
 @dataclass(slots=True)
 class _Answer:
-    """A response's sections, where ``additional[i]`` lists the additional records of ``records[i]``."""
+    """A response's sections, with the additional records in groups.
+
+    In answers from the zone, ``additional[i]`` lists the additional records of ``records[i]``.
+    """
 
     rcode: int = RCODE.NOERROR
     authoritative: bool = True
@@ -152,8 +171,27 @@ class _Answer:
     authority: list[RR] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _Zone:
+    """A zone this server is authoritative for: the forward zone or a reverse zone."""
+
+    labels: tuple[bytes, ...]  # lower case
+    apex: DNSLabel
+    reverse: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedQuery:
+    """A query that ``Responder.respond`` left to the recursors; pass it to ``Responder.forward``."""
+
+    request: _Request
+    transport: str
+    peer: str
+
+
 class _NodeKind(enum.Enum):
     APEX = "apex"
+    POINTER = "pointer"
     NAMESERVER = "nameserver"
     SERVICE = "service"
     SRV_NAME = "srv-name"
@@ -178,6 +216,7 @@ class Responder:
     """Answers DNS queries for one zone from a registry's in-memory catalog.
 
     Calls only the registry's synchronous read methods, so answering never waits on I/O.
+    Only ``forward`` waits, on the recursors.
     """
 
     def __init__(self, registry: Registry, settings: ZoneSettings) -> None:
@@ -188,18 +227,36 @@ class Responder:
         self._apex = DNSLabel(self._zone)
         self._nameserver = DNSLabel((b"ns",) + self._zone)
         self._hostmaster = DNSLabel((b"hostmaster",) + self._zone)
+        self._zones = [_Zone(self._zone_lower, self._apex, reverse=False)]
+        self._zones += [_Zone(labels, DNSLabel(labels), reverse=True) for labels in reverse_apexes(settings.reverse_zones)]
         self._rotation: dict[tuple[tuple[bytes, ...], int], int] = {}
-        self._next_failure_log = 0.0
-        self._unlogged_failures = 0
+        self._failure_log = LogThrottle(_FAILURE_LOG_INTERVAL)
+        self._forward_log = LogThrottle(_FAILURE_LOG_INTERVAL)
+        self._forwarder = (
+            Forwarder(settings.recursors, settings.recursor_timeout, udp_payload=settings.max_udp_payload)
+            if settings.recursors
+            else None
+        )
+        # Healthy instances by IP address, for PTR answers: rebuilt on the first reverse
+        # query after a registry change.
+        self._by_address: dict[IPAddress, list[Instance]] | None = None
+        self._by_address_index = -1
+        if settings.reverse_zones:
+            registry.subscribe(self._forget_addresses)
 
-    def respond(self, wire: bytes, transport: str, peer: str = "-") -> bytes | None:
+    def respond(
+        self, wire: bytes, transport: str, peer: str = "-", source: str | None = None
+    ) -> bytes | ForwardedQuery | None:
         """Return the response to the DNS message ``wire``, or None to send nothing.
 
         ``transport`` is "udp" or "tcp" and sets the size limit: a UDP response is cut
         to fit the client's EDNS0 size (512 bytes without EDNS0), a TCP response may use
-        up to 65,535 bytes. ``peer`` only names the client in log lines. Bad input
+        up to 65,535 bytes. ``source`` is the client's IP address, checked against
+        ``ZoneSettings.allow``: a client outside it, or an unknown source when the list
+        is set, gets REFUSED. ``peer`` only names the client in log lines. Bad input
         raises nothing: a message shorter than a header, or one with QR set, returns
-        None, and anything else unreadable gets FORMERR.
+        None, and anything else unreadable gets FORMERR. A question for the recursors
+        returns a ``ForwardedQuery`` that the caller passes to ``forward``.
         """
         if transport not in ("udp", "tcp"):
             raise ValueError(f"transport must be 'udp' or 'tcp', got {transport!r}")
@@ -219,10 +276,42 @@ class Responder:
         )
         try:
             self._read_request(wire, request)
-            answer = self._lookup(request.question)
+            if self._settings.allow and not self._is_allowed(source):
+                raise _Refused(f"source {source} is not in the allow list")
+            answer = self._lookup(request)
+        except _Forward:
+            return ForwardedQuery(request, transport, peer)
         except Exception as error:
             answer = self._answer_error(request, error, peer)
+        return self._finish(request, answer, transport, peer)
 
+    async def forward(self, query: ForwardedQuery) -> bytes:
+        """Ask the recursors and return the response to send, SERVFAIL when none answered.
+
+        The recursor's records are passed on with their TTLs, re-encoded to fit the
+        client's size limit like an answer from the zone, without AA.
+        """
+        request = query.request
+        assert self._forwarder is not None and request.question is not None
+        try:
+            reply = await self._forwarder.resolve(
+                request.question,
+                checking_disabled=bool(request.cd),
+                dnssec_ok=bool(request.edns is not None and request.edns.edns_do),
+            )
+        except ForwardError as error:
+            held_back = self._forward_log.ready()
+            if held_back is not None:
+                dns_log.warning(
+                    "SERVFAIL for %s %s from %s: no recursor answered (%s); %d earlier failure(s) not logged",
+                    request.question.qname, QTYPE.get(request.question.qtype), query.peer, error, held_back,
+                )
+            answer = _Answer(rcode=RCODE.SERVFAIL, authoritative=False)
+        else:
+            answer = _forwarded_answer(reply)
+        return self._finish(request, answer, query.transport, query.peer)
+
+    def _finish(self, request: _Request, answer: _Answer, transport: str, peer: str) -> bytes:
         limit = self._size_limit(request, transport)
         try:
             reply, truncated = self._encode(request, answer, limit)
@@ -247,17 +336,19 @@ class Responder:
 
     # ----- reading the query ---------------------------------------------
 
+    def _is_allowed(self, source: str | None) -> bool:
+        try:
+            address = ipaddress.ip_address(source) if source is not None else None
+        except ValueError:
+            return False
+        return address is not None and any(address in network for network in self._settings.allow)
+
     def _read_request(self, wire: bytes, request: _Request) -> None:
         # Checked before parsing: other opcodes (UPDATE, NOTIFY) give the sections
         # other meanings, and dnslib rejects their zero-length records.
         if request.opcode != OPCODE.QUERY:
             raise _OpcodeNotImplemented(f"opcode {OPCODE.get(request.opcode)} is not implemented")
-        try:
-            message = DNSRecord.parse(wire)
-        except Exception as exc:
-            # dnslib raises DNSError for most damage, but a long chain of compression
-            # pointers raises RecursionError, so every exception means "malformed".
-            raise _FormatError(f"cannot decode the message: {exc!r}") from exc
+        message = _parse_message(wire)
 
         options = [record for record in message.ar if record.rtype == QTYPE.OPT]
         if len(options) > 1:
@@ -273,25 +364,74 @@ class Responder:
 
     # ----- finding the answer --------------------------------------------
 
-    def _lookup(self, question: DNSQuestion) -> _Answer:
+    def _lookup(self, request: _Request) -> _Answer:
+        question = request.question
+        assert question is not None
         if question.qclass != CLASS.IN:
             raise _Refused(f"class {CLASS.get(question.qclass)} is not served, only IN")
-        labels = tuple(label.lower() for label in question.qname.label)
-        zone_size = len(self._zone_lower)
-        if len(labels) < zone_size or labels[len(labels) - zone_size :] != self._zone_lower:
-            raise _Refused(f"{question.qname} is outside the zone {self._settings.domain}")
         if question.qtype in _ZONE_TRANSFER_TYPES:
             raise _Refused("zone transfers are not offered")
+        labels = tuple(label.lower() for label in question.qname.label)
+        zone = self._zone_of(labels)
+        if zone is None:
+            if self._forwarder is not None and request.rd:
+                raise _Forward()
+            raise _Refused(f"{question.qname} is outside the zones of this server")
+        request.apex = zone.apex
 
         # NOTE: answers are computed per query. A wire-format cache would sit here, keyed
         # by (lower-case name, type, size limit), holding a few pre-rotated answers per name
         # and dropped from a registry.subscribe listener on every change.
-        node = self._find_node(labels[: len(labels) - zone_size])
+        relative = labels[: len(labels) - len(zone.labels)]
+        node = self._find_reverse_node(relative, zone) if zone.reverse else self._find_node(relative)
         answer = _Answer()
         self._add_records(answer, node, question.qname, question.qtype)
         if not answer.records:
             raise _NoData(f"{question.qname} has no {QTYPE.get(question.qtype)} record")
         return answer
+
+    def _zone_of(self, labels: tuple[bytes, ...]) -> _Zone | None:
+        """Return the zone that contains the name, the closest one when zones nest."""
+        for zone in self._zones:
+            size = len(zone.labels)
+            if len(labels) >= size and labels[len(labels) - size :] == zone.labels:
+                return zone
+        return None
+
+    def _find_reverse_node(self, relative: tuple[bytes, ...], zone: _Zone) -> _Node:
+        """Return what exists at the name below a reverse zone's apex, or raise _NameNotFound."""
+        labels = relative + zone.labels
+        by_address = self._healthy_by_address()
+        ip = address_of(labels)
+        instances = by_address.get(ip) if ip is not None else None
+        if instances:
+            # Also the apex when the reverse zone is a single address (a /32 or /128).
+            return _Node(_NodeKind.POINTER, relative, instances=tuple(instances))
+        if not relative:
+            return _Node(_NodeKind.APEX, relative)
+        if ip is not None:
+            raise _NameNotFound(f"no healthy instance has the address {ip}")
+        # A shorter name exists when an address lies below it (RFC 8020).
+        size = len(labels)
+        if any(reverse_name(address)[-size:] == labels for address in by_address):
+            return _Node(_NodeKind.EMPTY_NON_TERMINAL, relative)
+        raise _NameNotFound(f"no healthy instance has an address below {b'.'.join(labels)!r}")
+
+    def _healthy_by_address(self) -> dict[IPAddress, list[Instance]]:
+        registry = self._registry
+        if self._by_address is None or self._by_address_index != registry.index:
+            by_address: dict[IPAddress, list[Instance]] = {}
+            for service in registry.services():
+                for instance in registry.discoverable(service.code):
+                    if instance.address.ip is not None:
+                        by_address.setdefault(instance.address.ip, []).append(instance)
+            self._by_address = by_address
+            self._by_address_index = registry.index
+        return self._by_address
+
+    def _forget_addresses(self, _change: object) -> None:
+        # Health changes may leave the index as it is, so every change clears the map.
+        self._by_address = None
 
     def _find_node(self, relative: tuple[bytes, ...]) -> _Node:
         """Return what exists at the name below the apex, or raise _NameNotFound."""
@@ -352,6 +492,9 @@ class Responder:
         elif kind is _NodeKind.SERVICE:
             if qtype in (QTYPE.A, QTYPE.AAAA):
                 addresses = self._rotated(node.relative, qtype, _unique_addresses(node.instances, qtype))
+                if self._settings.answer_limit:
+                    # Rotation first, so every address still takes its turn at the front.
+                    addresses = addresses[: self._settings.answer_limit]
                 for ip in addresses:
                     self._add(answer, self._address_record(owner, ip))
             elif qtype == QTYPE.SRV:
@@ -368,6 +511,13 @@ class Responder:
                 self._add(answer, RR(owner, QTYPE.CNAME, ttl=self._settings.ttl, rdata=CNAME(target)))
             elif instance.address.ip is not None and _address_type(instance.address.ip) == qtype:
                 self._add(answer, self._address_record(owner, instance.address.ip))
+        elif kind is _NodeKind.POINTER:
+            if qtype == QTYPE.PTR:
+                for instance in node.instances:
+                    target = DNSLabel((instance.id.lower().encode("ascii"), instance.service.encode("ascii")) + self._zone)
+                    self._add(answer, RR(owner, QTYPE.PTR, ttl=self._settings.ttl, rdata=PTR(target)))
+            elif not node.relative:
+                self._add_records(answer, _Node(_NodeKind.APEX, ()), owner, qtype)
         # An empty non-terminal has no records of any type.
 
     def _add_srv_records(self, answer: _Answer, owner: DNSLabel, code: str, instances: tuple[Instance, ...]) -> None:
@@ -432,15 +582,14 @@ class Responder:
         answer = _Answer(rcode=code.rcode, authoritative=code.authoritative)
         if code.authoritative:
             # RFC 2308 §3: a negative answer carries the zone's SOA in the authority section.
-            answer.authority.append(self._soa_record(self._apex))
+            answer.authority.append(self._soa_record(request.apex or self._apex))
         return answer
 
     def _log_failure(self, request: _Request, error: Exception, peer: str) -> None:
         # An unexpected error is a bug, but one query could trigger it at packet rate,
         # so at most one traceback is logged per interval.
-        now = time.monotonic()
-        if now < self._next_failure_log:
-            self._unlogged_failures += 1
+        held_back = self._failure_log.ready()
+        if held_back is None:
             return
         question = request.question
         dns_log.error(
@@ -448,11 +597,9 @@ class Responder:
             question.qname if question else "-",
             QTYPE.get(question.qtype) if question else "-",
             peer,
-            self._unlogged_failures,
+            held_back,
             exc_info=error,
         )
-        self._unlogged_failures = 0
-        self._next_failure_log = now + _FAILURE_LOG_INTERVAL
 
     def _size_limit(self, request: _Request, transport: str) -> int:
         if transport == "tcp":
@@ -493,6 +640,7 @@ class Responder:
             aa=int(answer.authoritative),
             tc=int(truncated),
             rd=request.rd,
+            ra=int(self._forwarder is not None),
             cd=request.cd,
             rcode=answer.rcode & 0xF,
         )
@@ -531,6 +679,36 @@ def _largest_fitting(total: int, pack: Callable[[int], bytes], limit: int) -> by
         else:
             high = middle - 1
     return best
+
+
+def _parse_message(wire: bytes) -> DNSRecord:
+    """Decode a query as ``DNSRecord.parse`` does, and reject bytes after its last record."""
+    buffer = DNSBuffer(wire)
+    try:
+        header = DNSHeader.parse(buffer)
+        questions = [DNSQuestion.parse(buffer) for _ in range(header.q)]
+        sections = [[RR.parse(buffer) for _ in range(count)] for count in (header.a, header.auth, header.ar)]
+    except Exception as exc:
+        # dnslib raises DNSError for most damage, but a long chain of compression
+        # pointers raises RecursionError, so every exception means "malformed".
+        raise _FormatError(f"cannot decode the message: {exc!r}") from exc
+    if buffer.offset != len(wire):
+        raise _FormatError(f"{len(wire) - buffer.offset} bytes after the last record")
+    return DNSRecord(header, questions, sections[0], auth=sections[1], ar=sections[2])
+
+
+def _forwarded_answer(reply: DNSRecord) -> _Answer:
+    """Return a recursor's reply as an answer of this server, without AA."""
+    options = [record for record in reply.ar if record.rtype == QTYPE.OPT]
+    extended = (options[0].ttl >> 24) << 4 if options else 0  # RFC 6891 §6.1.3
+    additional = [record for record in reply.ar if record.rtype != QTYPE.OPT]
+    return _Answer(
+        rcode=extended | reply.header.rcode,
+        authoritative=False,
+        records=list(reply.rr),
+        additional=[additional],
+        authority=list(reply.auth),
+    )
 
 
 def _validate_name(name: DNSLabel) -> None:

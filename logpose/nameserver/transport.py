@@ -11,10 +11,15 @@ from typing import Any, cast
 
 from logpose.errors import ConfigError
 from logpose.log import dns_log
-from logpose.nameserver.answer import Responder
+from logpose.nameserver.answer import ForwardedQuery, Responder
+from logpose.nameserver.forward import format_address
+from logpose.nameserver.limits import ResponseRateLimiter
+from logpose.nameserver.throttle import LogThrottle
 
 # Tries at binding TCP to the port the kernel picked for UDP when port 0 was asked.
 PORT_PICK_ATTEMPTS = 5
+MAX_RATE_LIMIT = 1_000_000  # responses per second and source
+_RATE_LIMIT_LOG_INTERVAL = 10.0  # seconds between two log lines about dropped responses
 
 
 class DnsServer:
@@ -25,6 +30,8 @@ class DnsServer:
     own address. A TCP connection may carry many queries, answered in order; it is closed
     after ``tcp_idle_timeout`` seconds without a complete query or when the client stops
     reading. Above ``max_tcp_connections`` open connections a new one is closed at once.
+    With ``rate_limit`` above 0, each source address gets at most that many UDP responses
+    per second, and the queries over it get no response at all (see ``ResponseRateLimiter``).
     """
 
     def __init__(
@@ -34,6 +41,7 @@ class DnsServer:
         *,
         tcp_idle_timeout: float = 10.0,
         max_tcp_connections: int = 256,
+        rate_limit: int = 0,
     ) -> None:
         if not listen:
             raise ConfigError("dns_listen must name at least one host:port")
@@ -48,6 +56,11 @@ class DnsServer:
             raise ConfigError(f"tcp_idle_timeout must be more than 0 seconds, got {tcp_idle_timeout}")
         if max_tcp_connections < 1:
             raise ConfigError(f"max_tcp_connections must be at least 1, got {max_tcp_connections}")
+        if isinstance(rate_limit, bool) or not isinstance(rate_limit, int) or not 0 <= rate_limit <= MAX_RATE_LIMIT:
+            raise ConfigError(
+                f"rate_limit must be a whole number of responses per second from 0 (off) to {MAX_RATE_LIMIT}, "
+                f"got {rate_limit!r}"
+            )
         self._responder = responder
         self._listen = list(listen)
         self._tcp_idle_timeout = tcp_idle_timeout
@@ -56,11 +69,17 @@ class DnsServer:
         self._tcp_servers: list[asyncio.Server] = []
         # Strong references to the running connection handlers, so close() can cancel them.
         self._connections: set[asyncio.Task[Any]] = set()
+        self._forwards: set[asyncio.Task[None]] = set()  # UDP queries waiting on the recursors
+        self._rate_limiter = ResponseRateLimiter(rate_limit) if rate_limit else None
+        self._rate_limit_log = LogThrottle(_RATE_LIMIT_LOG_INTERVAL)
         self._rejected_connections = 0
         self.bound_addresses: list[tuple[str, int]] = []
 
     async def start(self) -> None:
-        """Bind UDP and TCP on every listen address, or close what was bound and raise OSError."""
+        """Bind UDP and TCP on every listen address, or close what was bound and raise OSError.
+
+        The OSError's ``strerror`` is a whole sentence that names the protocol and address.
+        """
         if self.bound_addresses:
             raise RuntimeError("DnsServer.start() was already called; call close() first")
         try:
@@ -76,10 +95,10 @@ class DnsServer:
             transport.close()
         for server in self._tcp_servers:
             server.close()
-        for task in list(self._connections):
+        for task in list(self._connections) + list(self._forwards):
             task.cancel()
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._connections or self._forwards:
+            await asyncio.gather(*self._connections, *self._forwards, return_exceptions=True)
         for server in self._tcp_servers:
             await server.wait_closed()
         self._udp_transports.clear()
@@ -106,18 +125,20 @@ class DnsServer:
 
         loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self._responder), sock=udp_socket
-            )
-        except BaseException:
+            transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_socket)
+        except BaseException as exc:
             udp_socket.close()
             tcp_socket.close()
+            if isinstance(exc, OSError):
+                raise _listen_error(exc, "UDP", host, bound_port) from exc
             raise
         self._udp_transports.append(transport)
         try:
             server = await asyncio.start_server(self._accept, sock=tcp_socket)
-        except BaseException:
+        except BaseException as exc:
             tcp_socket.close()
+            if isinstance(exc, OSError):
+                raise _listen_error(exc, "TCP", host, bound_port) from exc
             raise
         self._tcp_servers.append(server)
 
@@ -164,6 +185,7 @@ class DnsServer:
         # Each message has a 2-byte length prefix (RFC 1035 §4.2.2). Queries are answered
         # one after another, which RFC 7766 §6.2.1.1 allows for pipelined queries.
         timeout = self._tcp_idle_timeout
+        source = writer.get_extra_info("peername")[0]
         while True:
             try:
                 prefix = await asyncio.wait_for(reader.readexactly(2), timeout)
@@ -179,7 +201,10 @@ class DnsServer:
                 dns_log.debug("TCP connection from %s failed while reading: %s", peer, exc)
                 return
 
-            reply = self._responder.respond(message, "tcp", peer)
+            reply = self._responder.respond(message, "tcp", peer, source)
+            if isinstance(reply, ForwardedQuery):
+                # Later queries on this connection wait: answers go out in order.
+                reply = await self._responder.forward(reply)
             if reply is None:
                 # A message without a full header gets no response, and the stream may
                 # be out of step, so the connection ends.
@@ -196,9 +221,40 @@ class DnsServer:
                 return
 
 
+    # ----- UDP ------------------------------------------------------------
+
+    def _udp_allowed(self, source: str) -> bool:
+        """Return False when ``source`` is over its response rate, logging that at most once per interval."""
+        if self._rate_limiter is None or self._rate_limiter.allow(source):
+            return True
+        held_back = self._rate_limit_log.ready()
+        if held_back is not None:
+            dns_log.warning(
+                "Dropped a UDP query from %s over the rate limit; %d more dropped since the last message",
+                source, held_back,
+            )
+        return False
+
+    def _forward_udp(self, query: ForwardedQuery, transport: asyncio.DatagramTransport, addr: Any) -> None:
+        async def forward() -> None:
+            reply = await self._responder.forward(query)
+            if not transport.is_closing():
+                transport.sendto(reply, addr)
+
+        task = asyncio.get_running_loop().create_task(forward())
+        self._forwards.add(task)
+        task.add_done_callback(self._forward_done)
+
+    def _forward_done(self, task: asyncio.Task[None]) -> None:
+        self._forwards.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            dns_log.error("Forwarding a UDP query failed", exc_info=task.exception())
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, responder: Responder) -> None:
-        self._responder = responder
+    def __init__(self, server: DnsServer) -> None:
+        self._server = server
+        self._responder = server._responder
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -206,15 +262,22 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        source = addr[0]
+        if not self._server._udp_allowed(source):
+            return
         peer = _format_peer(addr)
         try:
-            reply = self._responder.respond(data, "udp", peer)
+            reply = self._responder.respond(data, "udp", peer, source)
         except Exception:
             # respond() handles bad input itself, so this is a bug. One datagram must
             # not stop the listener.
             dns_log.exception("Failed to respond to a UDP message from %s", peer)
             return
-        if reply is not None and self._transport is not None:
+        if reply is None or self._transport is None:
+            return
+        if isinstance(reply, ForwardedQuery):
+            self._server._forward_udp(reply, self._transport, addr)
+        else:
             self._transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -237,15 +300,19 @@ def _bound_socket(family: socket.AddressFamily, kind: socket.SocketKind, host: s
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        protocol = "UDP" if kind == socket.SOCK_DGRAM else "TCP"
-        raise OSError(exc.errno, f"cannot bind DNS {protocol} to {_format_peer((host, port))}: {exc.strerror}") from exc
+        raise _listen_error(exc, "UDP" if kind == socket.SOCK_DGRAM else "TCP", host, port) from exc
     return sock
+
+
+def _listen_error(exc: OSError, protocol: str, host: str, port: int) -> OSError:
+    """Return an OSError whose ``strerror`` says what could not be bound and why."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EACCES and port < 1024:
+        reason += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    return OSError(exc.errno, f"cannot listen for DNS over {protocol} on {format_address(host, port)}: {reason}")
 
 
 def _format_peer(address: Any) -> str:
     if not isinstance(address, tuple) or len(address) < 2:
         return str(address)
-    host, port = address[0], address[1]
-    if ":" in str(host):
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
+    return format_address(str(address[0]), address[1])

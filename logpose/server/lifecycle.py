@@ -98,12 +98,20 @@ async def serve(settings: Settings) -> None:
             ttl=settings.dns_ttl,
             negative_ttl=settings.dns_ttl,
             ns_addresses=_advertised_addresses(settings),
+            max_udp_payload=settings.dns_max_udp_payload,
+            answer_limit=settings.dns_answer_limit,
+            reverse_zones=settings.dns_reverse_zones,
+            allow=settings.dns_allow,
+            recursors=settings.recursors,
+            recursor_timeout=settings.recursor_timeout,
         )
-        dns_server = DnsServer(Responder(registry, zone), list(settings.dns_listen))
+        dns_server = DnsServer(Responder(registry, zone), list(settings.dns_listen), rate_limit=settings.dns_rate_limit)
         try:
             await dns_server.start()
         except OSError as exc:
-            raise StartupError(f"cannot listen for DNS on {_format_listen(settings.dns_listen)}: {exc.strerror or exc}", EXIT_BIND) from exc
+            # DnsServer.start() puts the protocol, the address and the reason in strerror.
+            message = exc.strerror or f"cannot listen for DNS on {_format_listen(settings.dns_listen)}: {exc}"
+            raise StartupError(message, EXIT_BIND) from exc
 
         runner = web.AppRunner(build_app(registry, authenticator), access_log=access_log)
         await runner.setup()

@@ -49,6 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of probed instances failing within one interval that engages the guard (default 0.5)",
     )
     parser.add_argument("--dns-ttl", metavar="SECONDS", help="TTL of DNS answers in seconds (default 5)")
+    parser.add_argument(
+        "--dns-max-udp-payload", metavar="BYTES",
+        help="EDNS0 UDP payload size advertised, and largest UDP answer, 512 to 65535 (default 1232)",
+    )
+    parser.add_argument(
+        "--dns-answer-limit", metavar="N", help="A/AAAA records per service name in one answer; 0 no limit (default 0)"
+    )
+    parser.add_argument(
+        "--dns-reverse-zones", metavar="CIDR", action="append",
+        help="networks whose addresses get PTR answers, comma-separated or repeated (default none)",
+    )
+    parser.add_argument(
+        "--dns-allow", metavar="CIDR", action="append",
+        help="networks that may query DNS, others get REFUSED; comma-separated or repeated (default everyone)",
+    )
+    parser.add_argument(
+        "--dns-rate-limit", metavar="N", help="UDP responses per second to one source address; 0 no limit (default 0)"
+    )
+    parser.add_argument(
+        "--recursors", metavar="HOST:PORT", action="append",
+        help="resolvers asked in order for names outside the zone; comma-separated or repeated (default none: REFUSED)",
+    )
+    parser.add_argument("--recursor-timeout", metavar="SECONDS", help="seconds to wait for each recursor (default 2)")
     parser.add_argument("--token-lifetime", metavar="SECONDS", help="lifetime of issued tokens (default 3600)")
     parser.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain; with --tls-key the API serves HTTPS")
     parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert, not encrypted")
