@@ -79,7 +79,7 @@ class ClientDirectory(TypingProtocol):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who made a request: the client of a verified token, with its current role and services."""
+    """The client behind a verified token, with its current role and services."""
 
     common_name: str
     role: str
@@ -111,9 +111,9 @@ class Principal:
 
 def parse_common_name(value: Any, field_name: str = "common_name") -> str:
     if not isinstance(value, str) or not COMMON_NAME_PATTERN.fullmatch(value):
-        shown = repr(value[:64]) if isinstance(value, str) else type(value).__name__
+        described = repr(value[:64]) if isinstance(value, str) else type(value).__name__
         raise ValidationError(
-            field_name, f"{shown} is not a client name: use 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', '@' and '-'"
+            field_name, f"{described} is not a client name: use 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', '@' and '-'"
         )
     return value
 
@@ -241,8 +241,8 @@ class Authenticator:
 
         NOTE: only this node's own writes refresh the table. With several nodes
         on one PostgreSQL database, a client removed or rotated on another node
-        keeps its tokens valid here until this node restarts; the change feed
-        (LISTEN/NOTIFY) is where a call to this method belongs.
+        keeps its tokens valid here until this node restarts. A call to this
+        method from the change feed (LISTEN/NOTIFY) would close that gap.
         """
         records = await self._directory.list_clients()
         self._clients = {record.common_name: _known(record) for record in records}

@@ -200,6 +200,8 @@ class InstanceSpec:
     tags: tuple[str, ...] = ()
     metadata: Mapping[str, str] = field(default_factory=dict)
     weight: int = 1
+    # The optional fields the request carried; re-registration replaces only these.
+    sent: frozenset[str] = frozenset({"check", "tags", "metadata", "weight"})
 
 
 def registration_key(service: str, address: Address, protocol: Protocol) -> tuple[str, str, int, str]:
@@ -466,6 +468,7 @@ def parse_instance_spec(body: Any) -> InstanceSpec:
         tags=parse_tags(body.get("tags")),
         metadata=parse_metadata(body.get("metadata")),
         weight=parse_weight(body.get("weight")),
+        sent=frozenset(name for name in ("check", "tags", "metadata", "weight") if body.get(name) is not None),
     )
 
 

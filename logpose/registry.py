@@ -231,7 +231,7 @@ class Registry:
             if instance_ids and not force:
                 raise ConflictError(
                     f"service {code!r} still has {len(instance_ids)} instance(s); "
-                    "deregister them first or delete with force"
+                    "deregister them first, or delete with force (?force=true over HTTP, --force in the CLI)"
                 )
             index = self._index + 1
             await self._commit(CatalogWrite(index, delete_services=[code], delete_instances=instance_ids))
@@ -250,7 +250,8 @@ class Registry:
         created with its name equal to its code. An update keeps the health
         unless the check changed.
         """
-        self._check_timing(spec.check)
+        if "check" in spec.sent:
+            self._check_timing(spec.check)
         async with self._write_lock:
             index = self._index + 1
             now = self._clock()
@@ -263,14 +264,16 @@ class Registry:
             existing_id = self._by_key.get(registration_key(code, spec.address, spec.protocol))
             existing = self._instances.get(existing_id) if existing_id else None
             if existing is not None:
-                keep_health = existing.check == spec.check and str(existing.address) == str(spec.address)
+                # Fields the request left out keep their registered values.
+                check = spec.check if "check" in spec.sent else existing.check
+                keep_health = existing.check == check and str(existing.address) == str(spec.address)
                 instance = replace(
                     existing,
                     address=spec.address,
-                    check=spec.check,
-                    tags=spec.tags,
-                    metadata=dict(spec.metadata),
-                    weight=spec.weight,
+                    check=check,
+                    tags=spec.tags if "tags" in spec.sent else existing.tags,
+                    metadata=dict(spec.metadata) if "metadata" in spec.sent else existing.metadata,
+                    weight=spec.weight if "weight" in spec.sent else existing.weight,
                     health=existing.health if keep_health else Health.UNKNOWN,
                     output=existing.output if keep_health else "",
                     modify_index=index,

@@ -75,7 +75,7 @@ def test_limiter_drops_expired_keys_first():
 # ----- a real server ------------------------------------------------------------------
 
 def token_request(server, common_name: str, secret: str, source: str = "127.0.0.1") -> httpx.Response:
-    # A second loopback source address tells the per-address limit from the per-name one.
+    # A second loopback source address separates the per-address limit from the per-name one.
     transport = httpx.HTTPTransport(local_address=source)
     with httpx.Client(transport=transport, timeout=10) as client:
         return client.post(server.url + "/api/auth/token", json={"common_name": common_name, "secret": secret})

@@ -72,13 +72,13 @@ class World:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One route, how to make a request to it, who may call it and what it answers then."""
+    """One route: how to build a request to it, which roles may call it and the status they get."""
 
     name: str
     method: str
     prepare: Callable[[World], tuple[str, Any]]  # returns the path and the JSON body
     allowed: frozenset[str]
-    status: int  # the answer to an allowed role
+    status: int  # the status an allowed role gets
     permission: str  # what a denied role lacks
 
 

@@ -186,6 +186,16 @@ def test_secret_is_checked_even_with_certificate(server, pki):
     assert answer.status_code == 401
 
 
+def test_command_line_trusts_ssl_cert_file(server, pki):
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("LOGPOSE_")}
+    environment.update(SSL_CERT_FILE=str(pki.ca.path), LOGPOSE_URL=server.url, LOGPOSE_COMMON_NAME="admin",
+                       LOGPOSE_SECRET_FILE=str(server.data_dir / "admin.secret"))
+    result = subprocess.run([sys.executable, "-c", "from logpose.cli.app import main; main()", "client", "list"],
+                            capture_output=True, text=True, env=environment, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "billing" in result.stdout
+
+
 def test_certificate_ignored_without_client_ca(pki, tmp_path):
     process = ServerProcess(tmp_path / "data", tls_args(pki, client_ca=False), ca_file=pki.ca.path).start()
     try:

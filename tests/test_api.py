@@ -331,3 +331,26 @@ def test_closed_port_instance_turns_unhealthy(api):
     assert unhealthy
     output = api.get(f"/api/instances/{instance['id']}").json()["output"]
     assert "refused" in output.lower()
+
+
+@pytest.mark.parametrize("body", [b'{"address": "10.0.0.5:80", "protocol": "Http", "weight": NaN}',
+                                  b'{"address": "10.0.0.5:80", "protocol": "Http", "weight": 1e400}'])
+def test_non_json_numbers_are_400(api, body):
+    answer = api.post("/api/services/svc/instances", content=body, headers={"Content-Type": "application/json"})
+    assert_problem(answer, 400)
+
+
+def test_second_server_on_taken_ports_changes_nothing(server, tmp_path):
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "second"
+    result = subprocess.run(
+        [sys.executable, "-m", "logpose.server.main", "--data-dir", str(data_dir),
+         "--http-listen", f"127.0.0.1:{server.http_port}", "--dns-listen", f"127.0.0.1:{server.dns_port}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 4
+    assert result.stderr.strip().splitlines()[-1].startswith("logpose-server: cannot listen for HTTP")
+    assert "Address already in use" in result.stderr
+    assert not data_dir.exists()

@@ -738,7 +738,7 @@ def test_health_report(cli, server):
     server.add_service("billing")
     instance = server.add_instance("billing", "10.0.0.1:80", health="Unknown")
 
-    table = cli("health", "report", instance["id"], "--status", "healthy", "--output", "200 OK in 3 ms")
+    table = cli("health", "report", instance["id"], "--status", "healthy", "--check-output", "200 OK in 3 ms")
     as_json = cli("health", "report", instance["id"], "--status", "Unhealthy", output="json")
 
     assert table.returncode == 0, table
@@ -754,7 +754,7 @@ def test_table_escapes_control_characters(cli, server):
     server.add_service("billing")
     instance = server.add_instance("billing", "10.0.0.1:80")
 
-    result = cli("health", "report", instance["id"], "--status", "Unhealthy", "--output", "\x1b[2Jgone\x9b")
+    result = cli("health", "report", instance["id"], "--status", "Unhealthy", "--check-output", "\x1b[2Jgone\x9b")
 
     assert result.returncode == 0, result
     assert "\x1b" not in result.stdout
@@ -766,7 +766,7 @@ def test_json_escapes_control_characters(cli, server):
     server.add_service("billing")
     instance = server.add_instance("billing", "10.0.0.1:80")
 
-    result = cli("health", "report", instance["id"], "--status", "Unhealthy", "--output", "bad\x9bnews", output="json")
+    result = cli("health", "report", instance["id"], "--status", "Unhealthy", "--check-output", "bad\x9bnews", output="json")
 
     assert result.returncode == 0, result
     assert "\x9b" not in result.stdout

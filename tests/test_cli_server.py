@@ -65,7 +65,7 @@ def test_instance_lifecycle_and_health_report(cli):
     assert json.loads(again.stdout)["id"] == instance["id"]
 
     assert cli("discover", "web").stdout.strip() == ""
-    reported = cli("health", "report", instance["id"], "--status", "Healthy", "--output", "fine")
+    reported = cli("health", "report", instance["id"], "--status", "Healthy", "--check-output", "fine")
     assert reported.returncode == 0, reported.stderr
     discovered = json.loads(cli("--output", "json", "discover", "web").stdout)
     assert [item["id"] for item in discovered] == [instance["id"]]

@@ -13,6 +13,7 @@ import time
 import dns.asyncquery
 import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
@@ -24,7 +25,7 @@ from logpose.registry import Registry
 TIMEOUT = 3.0  # seconds per query from the test
 RECURSOR_TIMEOUT = 0.3  # seconds the server waits for each recursor
 ANSWER = "192.0.2.10"  # a documentation address: only ever data in a reply, never a destination
-BIG_TXT_COUNT = 60  # TXT records of big.forward.test: more than a UDP answer holds
+BIG_TXT_COUNT = 60  # TXT records of big.forward.test: more than fit in a 512-byte UDP message
 
 
 class TinyRecursor:
@@ -90,7 +91,7 @@ class TinyRecursor:
             length = struct.unpack("!H", _read_exactly(connection, 2))[0]
             query = dns.message.from_wire(_read_exactly(connection, length))
             self.queries.append(("tcp", query))
-            wire = self._reply(query, "tcp").to_wire()
+            wire = self._reply(query, "tcp").to_wire(max_size=65535)
             connection.sendall(struct.pack("!H", len(wire)) + wire)
 
     def _reply(self, query: dns.message.Message, transport: str) -> dns.message.Message:
@@ -130,7 +131,7 @@ def _read_exactly(connection: socket.socket, size: int) -> bytes:
 
 
 @pytest.fixture
-def recursors(request):
+def recursors():
     """Return a function that starts TinyRecursors; all are closed at the end of the test."""
     started: list[TinyRecursor] = []
 
@@ -310,4 +311,11 @@ def test_server_process_forwards(server_factory, recursors):
     recursor = recursors()
     server = server_factory(extra_args=["--recursors", f"127.0.0.1:{recursor.port}", "--recursor-timeout", "1"])
 
-    response = dns.query_udp = None  # noqa: F841 - placeholder removed below
+    query = dns.message.make_query("forward.test.", "A")
+    response = dns.query.udp(query, "127.0.0.1", port=server.dns_port, timeout=TIMEOUT)
+    in_zone = dns.query.udp(dns.message.make_query("logpose.internal.", "SOA"), "127.0.0.1", port=server.dns_port, timeout=TIMEOUT)
+
+    assert addresses(response) == [ANSWER]
+    assert response.flags & dns.flags.RA
+    assert in_zone.flags & dns.flags.RA
+    assert in_zone.flags & dns.flags.AA

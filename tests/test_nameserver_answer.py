@@ -991,3 +991,14 @@ def test_zone_transfer_refused_with_recursors():
     responder = make_responder(recursors=[("127.0.0.1", 5300)])
 
     assert ask(responder, "example.com", "AXFR", transport="tcp").rcode() == dns.rcode.REFUSED
+
+
+def test_allow_list_checked_before_forwarding():
+    responder = make_responder(allow=["127.0.0.0/8"], recursors=[("127.0.0.1", 5300)])
+    query = dns.message.make_query("example.com", "A").to_wire()
+
+    refused = responder.respond(query, "udp", source="192.0.2.1")
+
+    assert isinstance(refused, bytes)
+    assert dns.message.from_wire(refused).rcode() == dns.rcode.REFUSED
+    assert not isinstance(responder.respond(query, "udp", source="127.0.0.1"), bytes)

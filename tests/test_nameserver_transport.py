@@ -24,7 +24,7 @@ ZONE = "logpose.internal"
 TIMEOUT = 3.0  # seconds per query, which is plenty on loopback
 
 
-def make_registry() -> Registry:
+def make_registry(big_count: int = 60) -> Registry:
     instances = [
         Instance(
             id="11111111-1111-4111-8111-111111111111",
@@ -43,7 +43,7 @@ def make_registry() -> Registry:
                 health=Health.HEALTHY,
                 check=Check(),
             )
-            for index in range(60)
+            for index in range(big_count)
         ),
     ]
     services = [Service(code=code, name=code, created_index=1, modify_index=1) for code in ("auth-svc", "big")]
@@ -72,10 +72,12 @@ def run_with_server(request):
     def run(
         test: Callable[[DnsServer], Awaitable[None]],
         listen: list[tuple[str, int]] | None = None,
+        zone: ZoneSettings | None = None,
+        registry: Registry | None = None,
         **server_options,
     ) -> None:
         async def main() -> None:
-            responder = Responder(make_registry(), ZoneSettings(ns_addresses=["127.0.0.1"]))
+            responder = Responder(registry or make_registry(), zone or ZoneSettings(ns_addresses=["127.0.0.1"]))
             server = DnsServer(responder, listen or [("127.0.0.1", 0)], **server_options)
             await server.start()
             try:
@@ -301,6 +303,70 @@ def test_tcp_message_without_header_closes_connection(run_with_server):
     run_with_server(check)
 
 
+def test_tcp_answer_up_to_65535_bytes(run_with_server):
+    # 1,200 SRV records with their AAAA records need more than 65,535 bytes.
+    async def check(server: DnsServer) -> None:
+        [(host, port)] = server.bound_addresses
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(frame(dns.message.make_query(f"big.{ZONE}", "SRV")))
+            await writer.drain()
+            length = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), TIMEOUT))[0]
+            response = dns.message.from_wire(await asyncio.wait_for(reader.readexactly(length), TIMEOUT))
+        finally:
+            writer.close()
+
+        assert 60_000 < length <= 65535
+        assert response.flags & dns.flags.TC
+        assert 0 < sum(len(rrset) for rrset in response.answer) < 1200
+
+    run_with_server(check, registry=make_registry(big_count=1200))
+
+
+@pytest.mark.parametrize(("allow", "rcode"), [(["192.0.2.0/24"], dns.rcode.REFUSED), (["127.0.0.0/8"], dns.rcode.NOERROR)])
+def test_allow_list_checks_peer_address(run_with_server, allow, rcode):
+    async def check(server: DnsServer) -> None:
+        [(host, port)] = server.bound_addresses
+        query = dns.message.make_query(f"auth-svc.{ZONE}", "A")
+
+        udp = await dns.asyncquery.udp(query, host, port=port, timeout=TIMEOUT)
+        tcp = await dns.asyncquery.tcp(query, host, port=port, timeout=TIMEOUT)
+
+        assert udp.rcode() == rcode
+        assert tcp.rcode() == rcode
+
+    run_with_server(check, zone=ZoneSettings(allow=allow))
+
+
+def test_udp_rate_limit_drops_excess_keeps_tcp(run_with_server, caplog):
+    async def check(server: DnsServer) -> None:
+        [(host, port)] = server.bound_addresses
+        loop = asyncio.get_running_loop()
+        replies: list[bytes] = []
+
+        class Receiver(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr) -> None:
+                replies.append(data)
+
+        transport, _ = await loop.create_datagram_endpoint(Receiver, remote_addr=(host, port))
+        try:
+            for _ in range(20):
+                transport.sendto(dns.message.make_query(f"auth-svc.{ZONE}", "A").to_wire())
+            await asyncio.sleep(0.3)
+        finally:
+            transport.close()
+        tcp = await dns.asyncquery.tcp(dns.message.make_query(f"auth-svc.{ZONE}", "A"), host, port=port, timeout=TIMEOUT)
+
+        # A burst of 5, and at most a few more refilled at 5 per second while the test waits.
+        assert 5 <= len(replies) <= 8
+        assert tcp.rcode() == dns.rcode.NOERROR
+
+    run_with_server(check, rate_limit=5)
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any("rate limit" in message for message in warnings)
+
+
 def test_tcp_idle_connection_closed(run_with_server):
     async def check(server: DnsServer) -> None:
         [(host, port)] = server.bound_addresses
@@ -431,3 +497,28 @@ def test_listen_addresses_validated(listen, message):
 
     with pytest.raises(ConfigError, match=message):
         DnsServer(responder, listen)
+
+
+@pytest.mark.parametrize("rate_limit", [-1, 1_000_001, 2.5, True])
+def test_rate_limit_validated(rate_limit):
+    responder = Responder(make_registry(), ZoneSettings())
+
+    with pytest.raises(ConfigError, match="rate_limit"):
+        DnsServer(responder, [("127.0.0.1", 0)], rate_limit=rate_limit)
+
+
+def test_bind_error_is_one_sentence():
+    async def main() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            port = taken.getsockname()[1]
+            server = DnsServer(Responder(make_registry(), ZoneSettings()), [("127.0.0.1", port)])
+
+            with pytest.raises(OSError) as raised:
+                await server.start()
+
+        assert raised.value.errno == errno.EADDRINUSE
+        assert raised.value.strerror.startswith(f"cannot listen for DNS over UDP on 127.0.0.1:{port}: ")
+        assert raised.value.strerror.count("127.0.0.1") == 1
+
+    asyncio.run(main())

@@ -147,3 +147,20 @@ def test_index_never_goes_back_after_delete(tmp_path):
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_reregistration_keeps_fields_not_sent():
+    registry = Registry(None)
+
+    async def scenario():
+        first, _ = await registry.register(
+            "web", spec(tags=["blue"], metadata={"zone": "a"}, weight=7, check={"type": "none"})
+        )
+        again, created = await registry.register("web", spec())
+        assert not created
+        assert again.check == first.check
+        assert again.tags == ("blue",)
+        assert again.metadata == {"zone": "a"}
+        assert again.weight == 7
+
+    asyncio.run(scenario())

@@ -29,9 +29,21 @@ MAX_SECRET_LENGTH = 1024
 async def read_json(request: web.Request) -> Any:
     body = await request.read()
     try:
-        return json.loads(body) if body else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_parse_finite) if body else None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise MalformedRequestError("body", f"is not valid JSON: {exc}") from None
+
+
+def _parse_finite(text: str) -> float:
+    number = float(text)
+    if number in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of the range of a double")
+    return number
+
+
+def _reject_constant(name: str) -> None:
+    # Python's json accepts NaN and Infinity, which RFC 8259 JSON does not have.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def read_object(body: Any, allowed: set[str]) -> dict[str, Any]:
@@ -84,7 +96,7 @@ async def issue_token(request: web.Request) -> web.Response:
     common_name = body.get("common_name")
     secret = body.get("secret")
     if not isinstance(common_name, str) or not 0 < len(common_name) <= MAX_COMMON_NAME_LENGTH:
-        raise ValidationError("common_name", f"is required: a string of 1 to {MAX_COMMON_NAME_LENGTH} characters")
+        raise ValidationError("common_name", f"must be a string of 1 to {MAX_COMMON_NAME_LENGTH} characters")
     if secret is not None and (not isinstance(secret, str) or not 0 < len(secret) <= MAX_SECRET_LENGTH):
         raise ValidationError("secret", f"must be a string of 1 to {MAX_SECRET_LENGTH} characters")
     authenticator = request.app[AUTHENTICATOR]

@@ -50,13 +50,13 @@ def _from_logpose_error(error: LogPoseError) -> web.Response:
         # Unparseable input is malformed (400); well-formed JSON with bad fields is 422.
         status = 400 if isinstance(error, MalformedRequestError) else 422
         return problem_response(
-            status, "validation", "Invalid request", error.detail,
+            status, "validation", "Invalid Request", error.detail,
             errors=[{"field": error.field, "message": error.reason}],
         )
     if isinstance(error, InstanceNotRegisteredError):
-        return problem_response(404, "instance-not-registered", "Instance not registered", error.detail)
+        return problem_response(404, "instance-not-registered", "Instance Not Registered", error.detail)
     if isinstance(error, NotFoundError):
-        return problem_response(404, "not-found", "Not found", error.detail)
+        return problem_response(404, "not-found", "Not Found", error.detail)
     if isinstance(error, ConflictError):
         return problem_response(409, "conflict", "Conflict", error.detail)
     if isinstance(error, AuthenticationError):
@@ -73,11 +73,11 @@ def _from_logpose_error(error: LogPoseError) -> web.Response:
         )
     if isinstance(error, StoreUnavailableError):
         return problem_response(
-            503, "store-unavailable", "Service unavailable",
+            503, "store-unavailable", "Service Unavailable",
             f"the write was not committed because the database is unavailable; retry later ({error.detail})",
             headers={"Retry-After": "5"},
         )
-    return problem_response(500, "internal", "Internal error", error.detail)
+    return problem_response(500, "internal", "Internal Server Error", error.detail)
 
 
 def _from_http_exception(error: web.HTTPException) -> web.Response:
@@ -107,4 +107,4 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return _from_http_exception(error)
     except Exception:
         http_log.exception("Unhandled error in %s %s from %s", request.method, request.path, request.remote)
-        return problem_response(500, "internal", "Internal error", "the server failed; see its log")
+        return problem_response(500, "internal", "Internal Server Error", "the server failed; see its log")

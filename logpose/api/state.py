@@ -6,8 +6,8 @@ needs the admin role unless its route is one of ``SERVICE_SCOPED_WRITES``. The
 handlers of those routes check the service itself with
 ``Principal.require_service``, because only they know which service an
 instance id belongs to. Handlers of admin-only reads call
-``Principal.require_admin``. A write route that nobody listed therefore fails
-closed: only admins may call it.
+``Principal.require_admin``. A write route missing from
+``SERVICE_SCOPED_WRITES`` therefore fails closed: only admins may call it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def principal_of(request: web.Request) -> Principal:
 def peer_certificate_name(request: web.Request) -> str | None:
     """Return the CN of the client certificate the TLS layer verified, or None without one.
 
-    The server asks for a client certificate only when a client CA is
+    The server requests a client certificate only when a client CA is
     configured, and the handshake fails for a certificate that the CA did not
     sign, so any certificate seen here is trusted. A subject with more than one
     CN gives None, because it names no single client.

@@ -263,6 +263,13 @@ def instance_add(
 
     settings = _settings(ctx)
     _note(settings, f"{'created' if created else 'updated'} instance {instance.get('id', '?')}")
+    check_type = instance.get("check", {}).get("type") if isinstance(instance.get("check"), dict) else None
+    if check_type in ("none", "ttl") and instance.get("health") == "Unknown":
+        _note(
+            settings,
+            f"note: a {check_type} check is not probed; the instance stays out of discovery until it reports "
+            f"with 'health report {instance.get('id', 'ID')} --status Healthy'",
+        )
     _emit(settings, instance, _print_instance)
 
 
@@ -491,14 +498,14 @@ def health_report(
     instance_id: Annotated[str, typer.Argument(metavar="ID", help="Instance id (a UUID).")],
     status: Annotated[str, typer.Option("--status", metavar="Healthy|Unhealthy", help="Reported health.")],
     check_output: Annotated[
-        str | None, typer.Option("--output", metavar="TEXT", help="Check output kept with the instance.")
+        str | None, typer.Option("--check-output", metavar="TEXT", help="Check output kept with the instance (at most 4 KiB).")
     ] = None,
 ) -> None:
     """Report the result of a check made by the instance itself."""
     instance_id = _parse_instance_id(instance_id)
     health = _validate(parse_health_report, status, "--status")
     if check_output is not None:
-        check_output = _validate(parse_output, check_output, "--output")
+        check_output = _validate(parse_output, check_output, "--check-output")
 
     instance = _connect(ctx).report_health(instance_id, health.value, check_output)
 

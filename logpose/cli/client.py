@@ -120,7 +120,7 @@ class LogPoseClient:
     # Clients
 
     def create_client(self, common_name: str, role: str, services: list[str]) -> dict[str, Any]:
-        """Create a client; the answer carries its ``secret``, which the server never shows again."""
+        """Create a client; the response contains its ``secret``, which the server never shows again."""
         body = {"common_name": common_name, "role": role, "services": services}
         return self._json(self._request("POST", "/api/clients", json=body))
 

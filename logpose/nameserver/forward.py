@@ -10,8 +10,8 @@ from dnslib import EDNS0, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
 DEFAULT_MAX_PENDING = 256
 
-# A recursor's answer with one of these codes says nothing about the name, so the next
-# recursor is asked, as a stub resolver does with the servers of resolv.conf.
+# A recursor's reply with one of these codes tells nothing about the name, so the next
+# recursor is asked.
 _RETRY_RCODES = frozenset({RCODE.SERVFAIL, RCODE.REFUSED, RCODE.NOTIMP, RCODE.FORMERR})
 
 
@@ -23,8 +23,8 @@ class Forwarder:
     """Asks the recursors one after another, each within ``timeout`` seconds.
 
     Every upstream query gets a new random message ID and, over UDP, a new socket whose
-    port the kernel picks, and an answer counts only when its ID and question match,
-    so a forged answer has to guess both (RFC 5452 §9). An answer cut short over UDP
+    port the kernel picks. A reply counts only when its ID and question match, so a
+    forged reply has to guess both (RFC 5452 §9). An answer cut short over UDP
     (TC) is asked again over TCP. At most ``max_pending`` forwarded queries run at once,
     and more raise ForwardError at once, so a flood cannot open sockets without bound.
     """
@@ -85,7 +85,7 @@ def _make_query(question: DNSQuestion, checking_disabled: bool, dnssec_ok: bool,
 
 
 def _check_reply(wire: bytes, query: DNSRecord) -> DNSRecord:
-    """Return the parsed reply to ``query``, or raise ForwardError when it is none."""
+    """Return the parsed reply to ``query``, or raise ForwardError when it is not one."""
     try:
         reply = DNSRecord.parse(wire)
     except Exception as exc:

@@ -14,10 +14,10 @@ class ResponseRateLimiter:
 
     A spoofed UDP query makes the server send its response to the victim whose address
     was forged, so responses are limited per destination address. TCP needs no limit
-    because its handshake proves the address. At most ``max_sources`` buckets are kept;
-    when a new source arrives at a full table, the least recently seen one is forgotten,
-    so memory stays bounded whatever the number of forged addresses. A forgotten source
-    starts again with a full bucket.
+    because its handshake proves the address. At most ``max_sources`` buckets are kept.
+    A new source at a full table makes the least recently seen one forgotten, so memory
+    stays bounded whatever the number of forged addresses. A forgotten source starts
+    again with a full bucket.
     """
 
     def __init__(

@@ -305,7 +305,7 @@ def _bound_socket(family: socket.AddressFamily, kind: socket.SocketKind, host: s
 
 
 def _listen_error(exc: OSError, protocol: str, host: str, port: int) -> OSError:
-    """Return an OSError whose ``strerror`` says what could not be bound and why."""
+    """Return an OSError whose ``strerror`` names the protocol and address that could not be bound, and why."""
     reason = exc.strerror or str(exc)
     if exc.errno == errno.EACCES and port < 1024:
         reason += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import signal
+import socket
 
 from aiohttp import web
 
@@ -42,6 +44,12 @@ async def serve(settings: Settings) -> None:
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
 
+    # Fail on a taken port before the data directory, keys or admin secret are
+    # touched, so a second server started by mistake changes nothing.
+    _check_ports_free(settings)
+
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise StartupError(f"data directory {settings.data_dir} is not a directory", EXIT_CONFIG)
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -120,7 +128,7 @@ async def serve(settings: Settings) -> None:
         try:
             await site.start()
         except OSError as exc:
-            raise StartupError(f"cannot listen for HTTP on {_format_host_port(host, port)}: {exc.strerror or exc}", EXIT_BIND) from exc
+            raise StartupError(f"cannot listen for HTTP on {_format_host_port(host, port)}: {_reason(exc)}", EXIT_BIND) from exc
         for bound in runner.addresses:
             scheme = "https" if ssl_context is not None else "http"
             server_log.info("HTTP API listening on %s://%s", scheme, _format_host_port(bound[0], bound[1]))
@@ -147,6 +155,33 @@ async def serve(settings: Settings) -> None:
             await registry.flush_health()
         await store.close()
         server_log.info("LogPose stopped")
+
+
+def _check_ports_free(settings: Settings) -> None:
+    """Raise StartupError when a fixed listen port is taken; port 0 always succeeds later."""
+    wanted = [("HTTP", socket.SOCK_STREAM, *settings.http_listen)]
+    for host, port in settings.dns_listen:
+        wanted += [("DNS", socket.SOCK_DGRAM, host, port), ("DNS", socket.SOCK_STREAM, host, port)]
+    for protocol, kind, host, port in wanted:
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, kind) as probe:
+            if kind == socket.SOCK_STREAM:
+                # As the real listeners do, so a port in TIME_WAIT does not count as taken.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                transport = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+                raise StartupError(
+                    f"cannot listen for {protocol} on {transport} {_format_host_port(host, port)}: {_reason(exc)}",
+                    EXIT_BIND,
+                ) from exc
+
+
+def _reason(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def _advertised_addresses(settings: Settings) -> list[str]:

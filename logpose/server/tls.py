@@ -59,7 +59,7 @@ def _check_readable(setting: str, path: Path) -> None:
 
 
 def _check_certificates(setting: str, path: Path) -> None:
-    """Raise ConfigError unless ``path`` holds at least one PEM certificate that OpenSSL can parse."""
+    """Raise ConfigError unless ``path`` contains at least one PEM certificate that OpenSSL can parse."""
     scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         scratch.load_verify_locations(cafile=path)
