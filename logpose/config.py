@@ -241,6 +241,9 @@ def load_settings(
     for key, value in flags.items():
         if value is not None:
             values[key] = _PARSERS[key](value, "--" + key.replace("_", "-"))
+    if "data_dir" not in values and environ.get("STATE_DIRECTORY"):
+        # systemd's StateDirectory= exports the directories it made, colon-separated.
+        values["data_dir"] = Path(environ["STATE_DIRECTORY"].split(":")[0])
     settings = Settings(**values)
     if settings.probe_timeout >= settings.probe_interval:
         raise ConfigError(
@@ -252,6 +255,11 @@ def load_settings(
         raise ConfigError(f"{missing} is missing: HTTPS needs both tls_cert and tls_key")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise ConfigError("tls_client_ca needs tls_cert and tls_key: client certificates are checked only over HTTPS")
+    if settings.database_url and settings.database_url.startswith("postgres") and settings.jwt_key is None:
+        raise ConfigError(
+            "jwt_key is required with a PostgreSQL database_url: every node sharing the database must sign and "
+            "verify tokens with the same key; generate one with: openssl rand -hex 32"
+        )
     return settings
 
 

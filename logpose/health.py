@@ -164,6 +164,11 @@ class HealthTracker:
         else:
             self._probed.discard(instance.id)
 
+    def restart_deadlines(self, now: float) -> None:
+        """Count check silence from ``now``, for a node that has just taken over probing."""
+        for state in self._states.values():
+            state.last_checked_at = now
+
     def forget(self, instance_id: str) -> None:
         state = self._states.pop(instance_id, None)
         if state is not None and state.last_passed is False and instance_id in self._probed:

@@ -169,6 +169,7 @@ class Instance:
     updated_at: float = 0.0
     maintenance_reason: str | None = None  # None: not in maintenance (drained)
     maintenance_since: float | None = None
+    last_report_at: float | None = None  # Unix time of the last health report, if any
 
     @property
     def in_maintenance(self) -> bool:

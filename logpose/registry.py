@@ -56,22 +56,37 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """One entry of the store's change log, as the change feed reads it."""
+
+    index: int
+    kind: str  # a ChangeKind value
+    service: str
+    instance_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class HealthUpdate:
     instance_id: str
+    service: str
     health: Health
     output: str
     updated_at: float
+    reported_at: float | None = None  # Unix time of the last report from the instance itself
 
 
 @dataclass(slots=True)
 class CatalogWrite:
-    """Everything one store transaction commits, stamped with the new change index."""
+    """Everything one store transaction commits.
 
-    index: int
+    The store assigns the change index inside the transaction and stamps the
+    rows with it; the ``*_index`` fields of the objects here are provisional.
+    """
+
     upsert_services: list[Service] = field(default_factory=list)
     delete_services: list[str] = field(default_factory=list)
     upsert_instances: list[Instance] = field(default_factory=list)
-    delete_instances: list[str] = field(default_factory=list)
+    delete_instances: list[Instance] = field(default_factory=list)
     health_updates: list[HealthUpdate] = field(default_factory=list)
 
 
@@ -87,11 +102,27 @@ class CatalogStore(TypingProtocol):
 
     async def load(self) -> CatalogSnapshot: ...
 
-    async def commit(self, write: CatalogWrite) -> None:
-        """Commit the write in one transaction, or raise StoreUnavailableError / ConflictError."""
+    async def changes_since(self, after: int) -> tuple[int, list[ChangeRecord] | None]: ...
+
+    async def fetch(self, codes: set[str], instance_ids: set[str]) -> tuple[dict[str, Service], dict[str, Instance]]: ...
+
+    async def commit(self, write: CatalogWrite) -> int:
+        """Commit the write in one transaction and return its change index.
+
+        Raise StoreUnavailableError or ConflictError when nothing was committed.
+        """
 
 
 Listener = Callable[[Change], None]
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    """This server process among the nodes sharing a database, for status pages."""
+
+    node_id: str = "local"
+    prober: bool = True  # whether this node runs the probes and health deadlines
+    shared: bool = False  # whether other nodes may share the database
 
 
 class Registry:
@@ -111,6 +142,7 @@ class Registry:
     ) -> None:
         self._store = store
         self._clock = clock
+        self.node = NodeInfo()
         defaults = defaults or HealthDefaults()
         self._health = HealthTracker(
             defaults, guard or MassFailureGuard(share=0.5, window=defaults.interval)
@@ -124,6 +156,10 @@ class Registry:
         self._listeners: list[Listener] = []
         self._write_lock = asyncio.Lock()
         self._pending_health: dict[str, HealthUpdate] = {}
+        # Indexes this node committed itself, so the change feed skips them.
+        self._own_indexes: set[int] = set()
+        self._feed_index = 0  # every change up to this index is applied here
+        self._database_index = 0
         self._health_dirty = asyncio.Event()
 
     # ----- loading -------------------------------------------------------
@@ -148,6 +184,7 @@ class Registry:
             # every instance before it had the chance to report or be probed.
             self._health.track(instance, now, fresh=True)
         self._index = snapshot.index
+        self._feed_index = snapshot.index
 
     # ----- reads ---------------------------------------------------------
 
@@ -213,9 +250,9 @@ class Registry:
         async with self._write_lock:
             if code in self._services:
                 raise ConflictError(f"service {code!r} already exists")
-            index = self._index + 1
-            service = Service(code=code, name=name or code, created_index=index, modify_index=index)
-            await self._commit(CatalogWrite(index, upsert_services=[service]))
+            service = Service(code=code, name=name or code, created_index=0, modify_index=0)
+            index = await self._commit(CatalogWrite(upsert_services=[service]))
+            service = replace(service, created_index=index, modify_index=index)
             self._services[code] = service
             self._by_service[code] = {}
             self._apply(Change(index, ChangeKind.SERVICE_UPSERT, code))
@@ -233,8 +270,8 @@ class Registry:
                     f"service {code!r} still has {len(instance_ids)} instance(s); "
                     "deregister them first, or delete with force (?force=true over HTTP, --force in the CLI)"
                 )
-            index = self._index + 1
-            await self._commit(CatalogWrite(index, delete_services=[code], delete_instances=instance_ids))
+            doomed = [self._instances[instance_id] for instance_id in instance_ids]
+            index = await self._commit(CatalogWrite(delete_services=[code], delete_instances=doomed))
             for instance_id in instance_ids:
                 self._drop_instance(instance_id)
             del self._services[code]
@@ -252,13 +289,23 @@ class Registry:
         """
         if "check" in spec.sent:
             self._check_timing(spec.check)
+        try:
+            return await self._register_once(code, spec)
+        except ConflictError:
+            if self._store is None:
+                raise
+        # Another node registered the same key since this node last caught up:
+        # learn about its instance, then update that one instead.
+        await self.catch_up()
+        return await self._register_once(code, spec)
+
+    async def _register_once(self, code: str, spec: InstanceSpec) -> tuple[Instance, bool]:
         async with self._write_lock:
-            index = self._index + 1
             now = self._clock()
-            write = CatalogWrite(index)
+            write = CatalogWrite()
             service = self._services.get(code)
             if service is None:
-                service = Service(code=code, name=code, created_index=index, modify_index=index)
+                service = Service(code=code, name=code, created_index=0, modify_index=0)
                 write.upsert_services.append(service)
 
             existing_id = self._by_key.get(registration_key(code, spec.address, spec.protocol))
@@ -276,7 +323,6 @@ class Registry:
                     weight=spec.weight if "weight" in spec.sent else existing.weight,
                     health=existing.health if keep_health else Health.UNKNOWN,
                     output=existing.output if keep_health else "",
-                    modify_index=index,
                     updated_at=now,
                 )
             else:
@@ -290,15 +336,17 @@ class Registry:
                     tags=spec.tags,
                     metadata=dict(spec.metadata),
                     weight=spec.weight,
-                    created_index=index,
-                    modify_index=index,
                     registered_at=now,
                     updated_at=now,
                 )
             write.upsert_instances.append(instance)
-            await self._commit(write)
+            index = await self._commit(write)
+            instance = replace(
+                instance, modify_index=index, created_index=existing.created_index if existing else index
+            )
 
             if write.upsert_services:
+                service = replace(service, created_index=index, modify_index=index)
                 self._services[code] = service
                 self._by_service[code] = {}
                 self._apply(Change(index, ChangeKind.SERVICE_UPSERT, code), bump=False)
@@ -318,8 +366,7 @@ class Registry:
             instance = self._instances.get(instance_id)
             if instance is None:
                 raise NotFoundError(f"instance {instance_id!r} not found")
-            index = self._index + 1
-            await self._commit(CatalogWrite(index, delete_instances=[instance_id]))
+            index = await self._commit(CatalogWrite(delete_instances=[instance]))
             self._drop_instance(instance_id)
             self._apply(Change(index, ChangeKind.INSTANCE_DELETE, instance.service, instance_id))
             registry_log.info("Deregistered instance %s of %s at %s", instance_id, instance.service, instance.address)
@@ -337,16 +384,15 @@ class Registry:
                 raise NotFoundError(f"instance {instance_id!r} not found")
             if instance.maintenance_reason == reason:
                 return instance
-            index = self._index + 1
             now = self._clock()
             updated = replace(
                 instance,
                 maintenance_reason=reason,
                 maintenance_since=now if reason is not None else None,
-                modify_index=index,
                 updated_at=now,
             )
-            await self._commit(CatalogWrite(index, upsert_instances=[updated]))
+            index = await self._commit(CatalogWrite(upsert_instances=[updated]))
+            updated = replace(updated, modify_index=index)
             self._put_instance(updated)
             self._apply(Change(index, ChangeKind.MAINTENANCE, updated.service, updated.id))
             if reason is None:
@@ -354,6 +400,127 @@ class Registry:
             else:
                 registry_log.info("Instance %s of %s entered maintenance: %s", instance_id, instance.service, reason)
             return updated
+
+    # ----- change feed (changes committed by other nodes) --------------------
+
+    @property
+    def database_index(self) -> int:
+        """The database's change index when the feed last looked; the lag is this minus ``index``."""
+        return max(self._database_index, self._feed_index)
+
+    async def catch_up(self) -> int:
+        """Apply the changes other nodes committed since the last catch-up; return how many.
+
+        When the store's log no longer reaches back far enough, the whole catalog
+        is reloaded off to the side and swapped in at once, so readers never see
+        a partial catalog.
+        """
+        if self._store is None:
+            return 0
+        database_index, records = await self._store.changes_since(self._feed_index)
+        self._database_index = database_index
+        if records is None:
+            snapshot = await self._store.load()
+            async with self._write_lock:
+                self._reload(snapshot)
+            registry_log.warning(
+                "Change feed fell behind the change log; reloaded the catalog at index %d", snapshot.index
+            )
+            return 1
+        foreign = [record for record in records if record.index not in self._own_indexes]
+        codes = {record.service for record in foreign}
+        ids = {record.instance_id for record in foreign if record.instance_id}
+        services, instances = await self._store.fetch(codes, ids) if foreign else ({}, {})
+        async with self._write_lock:
+            for record in foreign:
+                self._apply_record(record, services, instances)
+            if records:
+                last = records[-1].index
+                self._feed_index = max(self._feed_index, last)
+                self._own_indexes = {index for index in self._own_indexes if index > last}
+                self._index = max(self._index, last)
+        return len(foreign)
+
+    def _apply_record(
+        self, record: ChangeRecord, services: dict[str, Service], instances: dict[str, Instance]
+    ) -> None:
+        # The fetched rows are the current state, as new as the record or newer,
+        # so applying them in index order converges on the database.
+        service = services.get(record.service)
+        if service is None:
+            if record.service in self._services:
+                for instance_id in list(self._by_service.get(record.service, {})):
+                    self._drop_instance(instance_id)
+                del self._services[record.service]
+                self._by_service.pop(record.service, None)
+                self._apply(Change(record.index, ChangeKind.SERVICE_DELETE, record.service))
+            return
+        if self._services.get(record.service) != service:
+            self._services[record.service] = service
+            self._by_service.setdefault(record.service, {})
+            self._apply(Change(record.index, ChangeKind.SERVICE_UPSERT, record.service))
+        if record.instance_id is None:
+            return
+        instance = instances.get(record.instance_id)
+        current = self._instances.get(record.instance_id)
+        if instance is None:
+            if current is not None:
+                self._drop_instance(record.instance_id)
+                self._apply(Change(record.index, ChangeKind.INSTANCE_DELETE, record.service, record.instance_id))
+            return
+        pending = self._pending_health.get(record.instance_id)
+        if pending is not None:
+            # This node holds a newer health result that is not written yet: keep it.
+            instance = replace(instance, health=pending.health, output=pending.output)
+        if current == instance:
+            return
+        if current is not None and current.health is instance.health:
+            # Same health: keep this node's freshest output rather than the stored one.
+            instance = replace(instance, output=current.output)
+        self._put_instance(instance)
+        fresh = current is None or current.check != instance.check or current.health is not instance.health
+        self._health.track(instance, self._clock(), fresh=fresh)
+        state = self._health.state(instance.id)
+        if instance.last_report_at is not None and instance.last_report_at > (state.last_report_at or 0):
+            state.last_report_at = instance.last_report_at
+        if current is not None and current.health is not instance.health:
+            self._health.record_transition(
+                instance.id, HealthTransition(instance.updated_at, current.health, instance.health, instance.output)
+            )
+        kind = ChangeKind.HEALTH if record.kind == ChangeKind.HEALTH.value else ChangeKind.INSTANCE_UPSERT
+        self._apply(Change(record.index, kind, instance.service, instance.id))
+
+    def _reload(self, snapshot: CatalogSnapshot) -> None:
+        previous = set(self._instances)
+        self.load_snapshot(snapshot)
+        self._database_index = snapshot.index
+        self._own_indexes.clear()
+        for instance_id in previous - set(self._instances):
+            self._health.forget(instance_id)
+        # One notice for the whole swap: listeners drop every cached answer.
+        self._apply(Change(snapshot.index, ChangeKind.SERVICE_UPSERT, ""), bump=False)
+
+    async def run_change_feed(self, wake: asyncio.Event, period: float = 5.0, retry_delay: float = 1.0) -> None:
+        """Catch up whenever ``wake`` is set, and every ``period`` seconds in case a notice was lost."""
+        failing = False
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), period)
+            except asyncio.TimeoutError:
+                pass
+            wake.clear()
+            try:
+                await self.catch_up()
+            except StoreUnavailableError as exc:
+                if not failing:
+                    registry_log.warning("Change feed cannot read the database, retrying: %s", exc.detail)
+                failing = True
+                await asyncio.sleep(retry_delay)
+                wake.set()
+                continue
+            if failing:
+                registry_log.info("Change feed reads the database again, at index %d", self._index)
+            failing = False
 
     # ----- health (soft state, written behind) ----------------------------
 
@@ -366,7 +533,17 @@ class Registry:
             raise InstanceNotRegisteredError(f"instance {instance_id!r} is not registered; register it again")
         now = self._clock() if now is None else now
         self._health.state(instance_id).last_report_at = now
-        return self.record_check_result(instance_id, health is Health.HEALTHY, output, now) or instance
+        updated = self.record_check_result(instance_id, health is Health.HEALTHY, output, now) or instance
+        updated = replace(updated, last_report_at=now)
+        self._put_instance(updated)
+        if self._store is not None:
+            # Written even without a transition, so the node that runs the TTL
+            # deadlines sees reports that reached any node.
+            self._pending_health[instance_id] = HealthUpdate(
+                instance_id, updated.service, updated.health, updated.output, now, now
+            )
+            self._health_dirty.set()
+        return updated
 
     def record_check_result(
         self, instance_id: str, passed: bool, output: str, now: float | None = None
@@ -396,6 +573,10 @@ class Registry:
         if self._health.guard.active and self._health.maybe_release_guard():
             registry_log.warning("Mass-failure guard released: probes succeed again")
         return instance
+
+    def restart_deadlines(self) -> None:
+        """Count check silence from now on; call when this node takes over probing."""
+        self._health.restart_deadlines(self._clock())
 
     def sweep(self, now: float | None = None) -> list[str]:
         """Apply TTL expiry and stale-check deadlines; return ids due for deregistration."""
@@ -447,12 +628,17 @@ class Registry:
                 instance = replace(instance, output=output)
                 self._put_instance(instance)
             return instance
-        index = self._index + 1
-        updated = replace(instance, health=health, output=output, modify_index=index, updated_at=now)
+        # With a store, the change index moves when the health writer commits
+        # the transition; memory, DNS and discovery change at once regardless.
+        index = self._index + 1 if self._store is None else self._index
+        updated = replace(instance, health=health, output=output, updated_at=now)
         self._put_instance(updated)
         self._health.record_transition(updated.id, HealthTransition(now, instance.health, health, output))
-        self._pending_health[updated.id] = HealthUpdate(updated.id, health, output, now)
-        self._health_dirty.set()
+        if self._store is not None:
+            self._pending_health[updated.id] = HealthUpdate(
+                updated.id, updated.service, health, output, now, updated.last_report_at
+            )
+            self._health_dirty.set()
         self._apply(Change(index, ChangeKind.HEALTH, updated.service, updated.id))
         registry_log.info(
             "Instance %s of %s at %s is %s (was %s): %s",
@@ -471,11 +657,13 @@ class Registry:
             if not pending:
                 return
             try:
-                await self._store.commit(CatalogWrite(self._index, health_updates=pending))
+                index = await self._store.commit(CatalogWrite(health_updates=pending))
             except StoreUnavailableError:
                 for update in pending:
                     self._pending_health.setdefault(update.instance_id, update)
                 raise
+            self._own_indexes.add(index)
+            self._index = max(self._index, index)
 
     async def run_health_writer(self, retry_delay: float = 1.0) -> None:
         """Flush health changes as they come until cancelled; retry while the store is down."""
@@ -494,9 +682,14 @@ class Registry:
 
     # ----- internals -----------------------------------------------------
 
-    async def _commit(self, write: CatalogWrite) -> None:
-        if self._store is not None:
-            await self._store.commit(write)
+    async def _commit(self, write: CatalogWrite) -> int:
+        """Commit through the store and return the change index it assigned."""
+        if self._store is None:
+            return self._index + 1
+        index = await self._store.commit(write)
+        # The change feed brings this index back; the change is already applied here.
+        self._own_indexes.add(index)
+        return index
 
     def _put_instance(self, instance: Instance) -> None:
         previous = self._instances.get(instance.id)
@@ -517,7 +710,7 @@ class Registry:
 
     def _apply(self, change: Change, *, bump: bool = True) -> None:
         if bump:
-            self._index = change.index
+            self._index = max(self._index, change.index)
         for listener in list(self._listeners):
             try:
                 listener(change)

@@ -44,6 +44,7 @@ class ServerProcess:
         self.http_port = free_port()
         self.dns_port = free_port()
         self.extra_args = extra_args or []
+        self.environment: dict[str, str] = {}  # LOGPOSE_* variables for the server
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
@@ -70,6 +71,7 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         environment = {key: value for key, value in os.environ.items() if not key.startswith("LOGPOSE_")}
+        environment.update(self.environment)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=log, env=environment)
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -129,8 +131,11 @@ def server_factory(tmp_path: Path) -> Iterator:
     """Make servers on demand; every one is stopped at the end of the test."""
     servers: list[ServerProcess] = []
 
-    def make(name: str = "data", extra_args: list[str] | None = None) -> ServerProcess:
+    def make(
+        name: str = "data", extra_args: list[str] | None = None, environment: dict[str, str] | None = None
+    ) -> ServerProcess:
         server = ServerProcess(tmp_path / name, extra_args)
+        server.environment = environment or {}
         servers.append(server)
         return server.start()
 

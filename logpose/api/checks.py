@@ -55,6 +55,14 @@ async def show_status(request: web.Request) -> web.Response:
             "services": len(registry.services()),
             "instances": {"total": len(instances), **counts,
                           "maintenance": sum(1 for instance in instances if instance.in_maintenance)},
+            "node": {
+                "id": registry.node.node_id,
+                "prober": registry.node.prober,
+                "shared_database": registry.node.shared,
+                "index": registry.index,
+                "database_index": registry.database_index,
+                "lag": max(0, registry.database_index - registry.index),
+            },
             "mass_failure_guard": {
                 "enabled": guard.enabled,
                 "active": guard.active,

@@ -9,6 +9,7 @@ import ipaddress
 import os
 import signal
 import socket
+import uuid
 
 from aiohttp import web
 
@@ -21,8 +22,10 @@ from logpose.log import access_log, server_log
 from logpose.nameserver import DnsServer, Responder, ZoneSettings
 from logpose.prober import Prober
 from logpose.registry import Registry
+from logpose.server.systemd import SystemdNotifier
 from logpose.server.tls import server_ssl_context
 from logpose.store import SqlStore, database_url_for
+from logpose.store.control import ControlChannel
 
 EXIT_CONFIG = 2
 EXIT_STORE = 3
@@ -43,6 +46,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
+    notifier = SystemdNotifier.from_environment()
 
     # Fail on a taken port before the data directory, keys or admin secret are
     # touched, so a second server started by mistake changes nothing.
@@ -69,6 +73,7 @@ async def serve(settings: Settings) -> None:
         raise StartupError(exc.detail, EXIT_STORE) from exc
 
     background: list[asyncio.Task[None]] = []
+    duties: ProberDuties | None = None
     dns_server: DnsServer | None = None
     runner: web.AppRunner | None = None
     try:
@@ -85,6 +90,7 @@ async def serve(settings: Settings) -> None:
             share=settings.mass_failure_share, window=settings.probe_interval, enabled=settings.mass_failure_guard
         )
         registry = Registry(store, defaults=defaults, guard=guard)
+        registry.node.node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         try:
             signing_key = load_signing_key(settings.data_dir, settings.jwt_key)
             authenticator = Authenticator(store, signing_key, settings.token_lifetime)
@@ -97,9 +103,25 @@ async def serve(settings: Settings) -> None:
             raise StartupError(f"cannot set up credentials in {settings.data_dir}: {exc}", EXIT_CONFIG) from exc
 
         prober = Prober(registry, concurrency=settings.probe_concurrency)
+        duties = ProberDuties(registry, prober)
         background.append(asyncio.create_task(registry.run_health_writer(), name="health-writer"))
-        background.append(asyncio.create_task(registry.run_health_watchdog(), name="health-watchdog"))
-        background.append(asyncio.create_task(prober.run(), name="prober"))
+        if store.is_sqlite:
+            duties.set_leader(True)
+        else:
+            # Several nodes may share this database: follow their changes, and
+            # probe only while holding the prober lock.
+            registry.node.shared = True
+            registry.node.prober = False
+            wake = asyncio.Event()
+            channel = ControlChannel(
+                store.url,
+                node_id=registry.node.node_id,
+                on_notify=wake.set,
+                on_leadership=duties.set_leader,
+                period=min(max(settings.probe_interval / 2, 0.5), 5.0),
+            )
+            background.append(asyncio.create_task(registry.run_change_feed(wake), name="change-feed"))
+            background.append(asyncio.create_task(channel.run(), name="control-channel"))
 
         zone = ZoneSettings(
             domain=settings.domain,
@@ -136,9 +158,14 @@ async def serve(settings: Settings) -> None:
             "LogPose ready: zone %s, %d service(s), %d instance(s), index %d",
             settings.domain, len(registry.services()), len(registry.instances()), registry.index,
         )
+        # READY=1 only now, with the catalog loaded and every listener bound, so
+        # units ordered after LogPose find it answering.
+        notifier.ready(f"Serving zone {settings.domain}")
+        background.append(asyncio.create_task(notifier.run_watchdog(), name="systemd-watchdog"))
 
         await stop.wait()
         server_log.info("Shutting down")
+        notifier.stopping()
     finally:
         # Stop accepting first, then let in-flight requests finish, then stop
         # background work, and close the store last so pending health is written.
@@ -146,6 +173,8 @@ async def serve(settings: Settings) -> None:
             await runner.cleanup()
         if dns_server is not None:
             await dns_server.close()
+        if duties is not None:
+            duties.set_leader(False)
         for task in background:
             task.cancel()
         for task in background:
@@ -155,6 +184,29 @@ async def serve(settings: Settings) -> None:
             await registry.flush_health()
         await store.close()
         server_log.info("LogPose stopped")
+
+
+class ProberDuties:
+    """Start the prober and the health watchdog while this node leads, stop them when it does not."""
+
+    def __init__(self, registry: Registry, prober: Prober) -> None:
+        self._registry = registry
+        self._prober = prober
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def set_leader(self, leader: bool) -> None:
+        self._registry.node.prober = leader
+        if leader and not self._tasks:
+            # Silence before the takeover was another node's to watch.
+            self._registry.restart_deadlines()
+            self._tasks = [
+                asyncio.get_running_loop().create_task(self._prober.run(), name="prober"),
+                asyncio.get_running_loop().create_task(self._registry.run_health_watchdog(), name="health-watchdog"),
+            ]
+        elif not leader:
+            for task in self._tasks:
+                task.cancel()
+            self._tasks = []
 
 
 def _check_ports_free(settings: Settings) -> None:

@@ -60,6 +60,7 @@ instances = Table(
     Column("updated_at", Float, nullable=False),
     Column("maintenance_reason", Text, nullable=True),  # NULL: not in maintenance
     Column("maintenance_since", Float, nullable=True),
+    Column("last_report_at", Float, nullable=True),  # Unix time of the last health report
     UniqueConstraint("service_code", "host_key", "port", "protocol", name="uq_instances_registration_key"),
 )
 
@@ -71,4 +72,16 @@ clients = Table(
     Column("services", Text, nullable=False),  # JSON array of service codes, "*" for all
     Column("secret_hash", String(255), nullable=False),  # never the secret itself
     Column("created_at", Float, nullable=False),
+)
+
+# One row per entity a commit touched; the change feed of other nodes reads it.
+changes = Table(
+    "changes",
+    metadata,
+    Column("change_index", BigInteger, primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("service", String(63), nullable=False),
+    Column("instance_id", String(36), nullable=True),
+    Column("committed_at", Float, nullable=False),  # Unix time, seconds
 )

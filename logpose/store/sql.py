@@ -28,10 +28,14 @@ from logpose.model import (
     Protocol,
     Service,
 )
-from logpose.registry import CatalogSnapshot, CatalogWrite
+from logpose.registry import CatalogSnapshot, CatalogWrite, ChangeRecord
 from logpose.store import schema
 
 MIGRATIONS_PATH = Path(__file__).with_name("migrations")
+NOTIFY_CHANNEL = "logpose_changes"
+# The change log keeps this many indexes; a node further behind reloads everything.
+CHANGE_LOG_LENGTH = 10000
+CHANGE_LOG_PRUNE_EVERY = 100
 DATABASE_FILE_NAME = "logpose.db"
 
 
@@ -70,6 +74,10 @@ class SqlStore:
         return self._url.startswith("sqlite")
 
     @property
+    def url(self) -> str:
+        return self._url
+
+    @property
     def safe_url(self) -> str:
         """The URL without its password, for logs."""
         return make_url(self._url).render_as_string(hide_password=True)
@@ -77,7 +85,12 @@ class SqlStore:
     async def open(self) -> None:
         """Connect and bring the schema to the newest migration."""
         try:
-            self._engine = create_async_engine(self._url, pool_pre_ping=not self.is_sqlite)
+            # Bounded connect and statement times, so a write fails with 503 instead
+            # of hanging while PostgreSQL is down.
+            connect_args = {} if self.is_sqlite else {"timeout": 5, "command_timeout": 15}
+            self._engine = create_async_engine(
+                self._url, pool_pre_ping=not self.is_sqlite, connect_args=connect_args
+            )
         except (NoSuchModuleError, ModuleNotFoundError) as exc:
             raise ConfigError(f"database_url: the driver for {self.safe_url} is not installed ({exc})") from exc
         if self.is_sqlite:
@@ -105,51 +118,131 @@ class SqlStore:
             instance_rows = (
                 await connection.execute(sa.select(schema.instances).order_by(schema.instances.c.created_index))
             ).mappings().all()
-        services = [
-            Service(row["code"], row["name"], row["created_index"], row["modify_index"]) for row in service_rows
-        ]
+        services = [_service_from_row(row) for row in service_rows]
         instances = [_instance_from_row(row) for row in instance_rows]
         store_log.info("Loaded %d service(s) and %d instance(s) at index %d", len(services), len(instances), index)
         return CatalogSnapshot(services, instances, index)
 
-    async def commit(self, write: CatalogWrite) -> None:
-        """Commit ``write`` in one transaction; raise StoreUnavailableError or ConflictError."""
+    async def commit(self, write: CatalogWrite) -> int:
+        """Commit ``write`` in one transaction and return its change index.
+
+        The index is taken from ``catalog_state`` under a row lock inside the
+        transaction, so indexes follow commit order across every node sharing
+        the database. Raise StoreUnavailableError or ConflictError.
+        """
         async with self._transaction() as connection:
+            index = await self._next_index(connection)
+            changes: list[tuple[str, str, str | None]] = []
             for code in write.delete_services:
                 await connection.execute(sa.delete(schema.instances).where(schema.instances.c.service_code == code))
                 await connection.execute(sa.delete(schema.services).where(schema.services.c.code == code))
+                changes.append(("service-delete", code, None))
             if write.delete_instances:
-                await connection.execute(
-                    sa.delete(schema.instances).where(schema.instances.c.id.in_(write.delete_instances))
-                )
+                doomed = [instance.id for instance in write.delete_instances]
+                await connection.execute(sa.delete(schema.instances).where(schema.instances.c.id.in_(doomed)))
+                changes += [("instance-delete", instance.service, instance.id) for instance in write.delete_instances]
             for service in write.upsert_services:
-                await self._upsert(connection, schema.services, "code", _service_row(service))
+                await self._upsert(connection, schema.services, "code", _service_row(service), index)
+                changes.append(("service-upsert", service.code, None))
             for instance in write.upsert_instances:
-                await self._upsert(connection, schema.instances, "id", _instance_row(instance))
+                await self._upsert(connection, schema.instances, "id", _instance_row(instance), index)
+                changes.append(("instance-upsert", instance.service, instance.id))
             for update in write.health_updates:
                 await connection.execute(
                     sa.update(schema.instances)
                     .where(schema.instances.c.id == update.instance_id)
-                    .values(health=update.health.value, output=update.output, updated_at=update.updated_at)
+                    .values(health=update.health.value, output=update.output, updated_at=update.updated_at,
+                            last_report_at=update.reported_at, modify_index=index)
                 )
-            await self._set_index(connection, write.index)
+                changes.append(("health", update.service, update.instance_id))
+            await self._record_changes(connection, index, changes)
+        return index
 
-    async def _upsert(self, connection: Any, table: sa.Table, key: str, row: dict[str, Any]) -> None:
-        updated = await connection.execute(sa.update(table).where(table.c[key] == row[key]).values(**row))
-        if updated.rowcount == 0:
-            await connection.execute(sa.insert(table).values(**row))
-
-    async def _set_index(self, connection: Any, index: int) -> None:
-        # max() keeps the stored index from going back when a late health flush
-        # carries an index older than a catalog write committed meanwhile.
-        updated = await connection.execute(
-            sa.update(schema.catalog_state)
-            .where(schema.catalog_state.c.id == 1)
-            .values(change_index=sa.func.max(schema.catalog_state.c.change_index, index)
-                    if self.is_sqlite else sa.func.greatest(schema.catalog_state.c.change_index, index))
+    async def _next_index(self, connection: Any) -> int:
+        # FOR UPDATE holds the row until commit, so concurrent writers on other
+        # nodes queue here and indexes follow commit order; SQLite ignores it and
+        # serialises writers with its database lock instead.
+        current = (
+            await connection.execute(
+                sa.select(schema.catalog_state.c.change_index)
+                .where(schema.catalog_state.c.id == 1)
+                .with_for_update()
+            )
+        ).scalar()
+        if current is None:
+            await connection.execute(sa.insert(schema.catalog_state).values(id=1, change_index=0))
+            current = 0
+        index = current + 1
+        await connection.execute(
+            sa.update(schema.catalog_state).where(schema.catalog_state.c.id == 1).values(change_index=index)
         )
+        return index
+
+    async def _record_changes(self, connection: Any, index: int, changes: list[tuple[str, str, str | None]]) -> None:
+        now = time.time()
+        if changes:
+            await connection.execute(
+                sa.insert(schema.changes),
+                [
+                    {"change_index": index, "position": position, "kind": kind, "service": service,
+                     "instance_id": instance_id, "committed_at": now}
+                    for position, (kind, service, instance_id) in enumerate(changes)
+                ],
+            )
+        if index % CHANGE_LOG_PRUNE_EVERY == 0:
+            await connection.execute(
+                sa.delete(schema.changes).where(schema.changes.c.change_index <= index - CHANGE_LOG_LENGTH)
+            )
+        if not self.is_sqlite:
+            # Delivered at commit, never for a rolled-back transaction. The payload
+            # stays small: the index only; listeners read the rest from the log.
+            await connection.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(index))))
+
+    async def _upsert(self, connection: Any, table: sa.Table, key: str, row: dict[str, Any], index: int) -> None:
+        row = {**row, "modify_index": index}
+        values = {name: value for name, value in row.items() if name != "created_index"}
+        updated = await connection.execute(sa.update(table).where(table.c[key] == row[key]).values(**values))
         if updated.rowcount == 0:
-            await connection.execute(sa.insert(schema.catalog_state).values(id=1, change_index=index))
+            await connection.execute(sa.insert(table).values(**{**row, "created_index": index}))
+
+    async def changes_since(self, after: int) -> tuple[int, list[ChangeRecord] | None]:
+        """Return the database's change index and the changes after ``after``, in order.
+
+        The list is None when the log no longer reaches back to ``after``: the
+        caller must reload the whole catalog.
+        """
+        async with self._connect() as connection:
+            index = (await connection.execute(sa.select(schema.catalog_state.c.change_index))).scalar() or 0
+            if index <= after:
+                return index, []
+            rows = (
+                await connection.execute(
+                    sa.select(schema.changes)
+                    .where(schema.changes.c.change_index > after)
+                    .order_by(schema.changes.c.change_index, schema.changes.c.position)
+                )
+            ).mappings().all()
+        if not rows or rows[0]["change_index"] > after + 1:
+            return index, None
+        records = [
+            ChangeRecord(row["change_index"], row["kind"], row["service"], row["instance_id"]) for row in rows
+        ]
+        return index, records
+
+    async def fetch(self, codes: set[str], instance_ids: set[str]) -> tuple[dict[str, Service], dict[str, Instance]]:
+        """Return the current rows of the named services and instances; absent ones are left out."""
+        services: dict[str, Service] = {}
+        instances: dict[str, Instance] = {}
+        async with self._connect() as connection:
+            if codes:
+                rows = (await connection.execute(
+                    sa.select(schema.services).where(schema.services.c.code.in_(codes)))).mappings().all()
+                services = {row["code"]: _service_from_row(row) for row in rows}
+            if instance_ids:
+                rows = (await connection.execute(
+                    sa.select(schema.instances).where(schema.instances.c.id.in_(instance_ids)))).mappings().all()
+                instances = {row["id"]: _instance_from_row(row) for row in rows}
+        return services, instances
 
     # ----- clients -------------------------------------------------------
 
@@ -277,6 +370,7 @@ def _instance_row(instance: Instance) -> dict[str, Any]:
         "check_settings": json.dumps(_check_settings(instance.check)),
         "maintenance_reason": instance.maintenance_reason,
         "maintenance_since": instance.maintenance_since,
+        "last_report_at": instance.last_report_at,
         "tags": json.dumps(list(instance.tags)),
         "metadata": json.dumps(dict(instance.metadata)),
         "weight": instance.weight,
@@ -287,6 +381,10 @@ def _instance_row(instance: Instance) -> dict[str, Any]:
         "registered_at": instance.registered_at,
         "updated_at": instance.updated_at,
     }
+
+
+def _service_from_row(row: Any) -> Service:
+    return Service(row["code"], row["name"], row["created_index"], row["modify_index"])
 
 
 def _instance_from_row(row: Any) -> Instance:
@@ -307,6 +405,7 @@ def _instance_from_row(row: Any) -> Instance:
         updated_at=row["updated_at"],
         maintenance_reason=row["maintenance_reason"],
         maintenance_since=row["maintenance_since"],
+        last_report_at=row["last_report_at"],
     )
 
 
