@@ -667,18 +667,25 @@ class Registry:
 
     async def run_health_writer(self, retry_delay: float = 1.0) -> None:
         """Flush health changes as they come until cancelled; retry while the store is down."""
+        failing = False
         while True:
             await self._health_dirty.wait()
             self._health_dirty.clear()
             try:
                 await self.flush_health()
             except StoreUnavailableError as exc:
-                registry_log.warning(
-                    "Could not persist %d health change(s), retrying in %.1f s: %s",
-                    len(self._pending_health), retry_delay, exc,
-                )
+                if not failing:
+                    registry_log.warning(
+                        "Could not persist %d health change(s), retrying every %.1f s: %s",
+                        len(self._pending_health), retry_delay, exc.detail,
+                    )
+                failing = True
                 await asyncio.sleep(retry_delay)
                 self._health_dirty.set()
+                continue
+            if failing:
+                registry_log.info("Persisted the health changes held while the database was unreachable")
+            failing = False
 
     # ----- internals -----------------------------------------------------
 

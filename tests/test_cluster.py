@@ -269,4 +269,5 @@ def test_database_outage_rejects_writes_keeps_reads(cluster, private_postgres, t
             assert wait_until(
                 lambda api=api: acknowledged <= {item["id"] for item in api.get("/api/instances").json()}, timeout=5
             )
-    assert "Database" in node_a.log() or "database" in node_a.log()
+    assert node_a.log().count("is unreachable: writes are rejected") == 1
+    assert "is reachable again" in node_a.log()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -98,8 +99,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except LogPoseError as error:
-        if isinstance(error, StoreUnavailableError):
-            http_log.warning("%s %s failed, database unavailable: %s", request.method, request.path, error.detail)
+        if isinstance(error, StoreUnavailableError) and http_log.isEnabledFor(logging.DEBUG):
+            # The store logs each change of database reachability once; per request is DEBUG.
+            http_log.debug("%s %s failed, database unavailable: %s", request.method, request.path, error.detail)
         return _from_logpose_error(error)
     except web.HTTPException as error:
         if error.status < 400:

@@ -68,6 +68,20 @@ class SqlStore:
     def __init__(self, url: str) -> None:
         self._url = url
         self._engine: AsyncEngine | None = None
+        self.available = True
+
+    def note_available(self, available: bool, detail: str) -> None:
+        """Log once per change between reachable and unreachable, not once per failed request."""
+        if available == self.available:
+            return
+        self.available = available
+        if available:
+            store_log.info("Database %s is reachable again: writes are accepted", self.safe_url)
+        else:
+            store_log.warning(
+                "Database %s is unreachable: writes are rejected with 503, reads answer from memory: %s",
+                self.safe_url, detail,
+            )
 
     @property
     def is_sqlite(self) -> bool:
@@ -311,7 +325,7 @@ class _Guarded:
         try:
             return await self._context.__aenter__()
         except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailableError(f"cannot reach database {self._store.safe_url}: {_describe(exc)}") from exc
+            raise self._unavailable(f"cannot reach database {self._store.safe_url}: {_describe(exc)}") from exc
 
     async def __aexit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
         try:
@@ -319,11 +333,17 @@ class _Guarded:
         except IntegrityError as error:
             raise ConflictError(f"the write conflicts with the stored catalog: {_describe(error)}") from error
         except (SQLAlchemyError, OSError) as error:
-            raise StoreUnavailableError(f"database write failed: {_describe(error)}") from error
+            raise self._unavailable(f"database write failed: {_describe(error)}") from error
         if isinstance(exc, IntegrityError):
             raise ConflictError(f"the write conflicts with the stored catalog: {_describe(exc)}") from exc
         if isinstance(exc, (DBAPIError, SQLAlchemyError, OSError)):
-            raise StoreUnavailableError(f"database operation failed: {_describe(exc)}") from exc
+            raise self._unavailable(f"database operation failed: {_describe(exc)}") from exc
+        if exc is None:
+            self._store.note_available(True, "")
+
+    def _unavailable(self, detail: str) -> StoreUnavailableError:
+        self._store.note_available(False, detail)
+        return StoreUnavailableError(detail)
 
 
 def _describe(exc: BaseException) -> str:
