@@ -5,7 +5,7 @@ The script starts a child process with N/2 real TCP listeners on 127.0.0.1,
 two real ``logpose-server`` processes on free loopback ports (default
 configuration otherwise), and registers the same N instances on both: half
 at the listeners, half at closed ports. Server A probes them with TCP checks.
-Server B holds the same catalog with check ``none`` and the same health, set
+Server B has the same catalog with check ``none`` and the same health, set
 by health reports, so its prober has nothing to do. It then measures:
 
 - the registration rate on A, and the time until A has no ``Unknown`` instance;
@@ -54,7 +54,7 @@ HOST = "127.0.0.1"
 ZONE = "logpose.internal"  # the server's default zone
 SERVER_DEFAULT_INTERVAL = 10.0  # seconds, the server's default probe_interval
 SERVER_DEFAULT_TIMEOUT = 2.0  # seconds, the server's default probe_timeout
-STARTUP_TIMEOUT = 30.0  # seconds for a server to answer /healthz on a loaded machine
+STARTUP_TIMEOUT = 30.0  # seconds for a server to respond to /healthz on a loaded machine
 STOP_TIMEOUT = 15.0  # seconds for a process to exit after SIGTERM before SIGKILL
 FD_MARGIN = 256  # descriptors beyond the listeners: logs, pipes, the interpreter's own
 SPLIT_TOLERANCE = 0.01  # share of instances allowed in the wrong health when classified
@@ -63,7 +63,7 @@ DNS_IN_FLIGHT = 64  # DNS queries outstanding at once, for both load generators
 
 
 class BenchmarkError(Exception):
-    """A check failed or a component could not start; the message says which."""
+    """A check failed or a component could not start; the message names it."""
 
 
 @dataclass
@@ -171,7 +171,7 @@ class AcceptAndClose(asyncio.Protocol):
 
 
 def run_listeners(count: int, connection: Connection, parent_pid: int, max_seconds: float) -> None:
-    """Serve ``count`` listening sockets until told to stop, the parent exits or ``max_seconds`` pass."""
+    """Serve ``count`` listening sockets until the parent sends "stop" or exits, or ``max_seconds`` pass."""
     asyncio.run(_serve_listeners(count, connection, parent_pid, max_seconds))
 
 
@@ -198,7 +198,7 @@ async def _serve_listeners(count: int, connection: Connection, parent_pid: int, 
 
 
 class ListenerProcess:
-    """The child process that holds the listening sockets."""
+    """The child process with the listening sockets."""
 
     def __init__(self, count: int, max_seconds: float) -> None:
         context = multiprocessing.get_context("spawn")
@@ -316,7 +316,7 @@ class Server:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return
             time.sleep(0.1)
-        raise BenchmarkError(f"server {self.name} did not answer /healthz within {STARTUP_TIMEOUT:g} s")
+        raise BenchmarkError(f"server {self.name} did not respond to /healthz within {STARTUP_TIMEOUT:g} s")
 
     def token(self) -> str:
         secret = (self.data_dir / "admin.secret").read_text().strip()
@@ -397,7 +397,7 @@ def plan_targets(listen_ports: list[int], closed_ports: list[int], services: int
 
 
 async def send_all(client: httpx.AsyncClient, requests: list[tuple[str, dict]], concurrency: int) -> list[dict]:
-    """POST every (path, body) with at most ``concurrency`` in flight; return the JSON answers in order."""
+    """POST every (path, body) with at most ``concurrency`` in flight; return the JSON responses in order."""
     answers: list[dict] = [{}] * len(requests)
     positions = iter(range(len(requests)))
 
@@ -406,7 +406,7 @@ async def send_all(client: httpx.AsyncClient, requests: list[tuple[str, dict]], 
             path, body = requests[position]
             response = await client.post(path, json=body)
             if response.status_code not in (200, 201):
-                raise BenchmarkError(f"POST {path} answered {response.status_code}: {response.text[:300]}")
+                raise BenchmarkError(f"POST {path} returned {response.status_code}: {response.text[:300]}")
             answers[position] = response.json()
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -449,10 +449,14 @@ async def register_idle(server: Server, targets: list[Target], concurrency: int)
         await send_all(client, reports, concurrency)
 
 
-def status_counts(server: Server, token: str) -> dict:
+def server_status(server: Server, token: str) -> dict:
     response = httpx.get(server.url + "/api/status", headers={"Authorization": f"Bearer {token}"}, timeout=30)
     response.raise_for_status()
-    return response.json()["instances"]
+    return response.json()
+
+
+def status_counts(server: Server, token: str) -> dict:
+    return server_status(server, token)["instances"]
 
 
 def wait_classified(server: Server, expected: int, timeout: float) -> tuple[float, dict]:
@@ -643,6 +647,7 @@ class Results:
     dns_tool: str = ""
     dns_probing: list[DnsRun] = field(default_factory=list)
     dns_idle: list[DnsRun] = field(default_factory=list)
+    status_after_dns: dict = field(default_factory=dict)
 
 
 def choose_dns_tool(requested: str) -> str:
@@ -689,6 +694,7 @@ def measure(options: Options, work_dir: Path, cleanup: contextlib.ExitStack) -> 
     measure_cpu(options, probing, idle, results)
     results.ages = last_check_ages(probing)
     measure_dns(options, probing, idle, [f"bench-{index:04d}" for index in range(options.services)], work_dir, results)
+    results.status_after_dns = server_status(probing, probing.token())
     results.rss_probing = resident_megabytes(probing.pid)
     results.rss_idle = resident_megabytes(idle.pid)
     for server in (probing, idle):
@@ -773,6 +779,8 @@ def print_table(options: Options, results: Results) -> None:
          f"{results.registration_seconds:.1f} s, {options.concurrency} requests in flight"),
         ("all classified, after last registration", f"{results.classified_after_last:.2f} s",
          f"{results.counts['Healthy']} Healthy, {results.counts['Unhealthy']} Unhealthy"),
+        ("all classified, after first registration",
+         f"{results.registration_seconds + results.classified_after_last:.1f} s", ""),
         ("CPU per interval, probing server", f"{cpu_round_probing:.2f} s",
          f"{100 * results.cpu_probing / results.window_seconds:.0f}% of one core"),
         ("CPU per interval, idle server", f"{cpu_round_idle:.2f} s",
@@ -783,12 +791,20 @@ def print_table(options: Options, results: Results) -> None:
          f"{max(ages):.0f} s", f"{len(results.ages)} probed instances, 1 s resolution"),
         ("RSS, probing / idle server", f"{results.rss_probing:.0f} / {results.rss_idle:.0f} MiB", ""),
     ]
+    after = results.status_after_dns
+    guard = after["mass_failure_guard"]
+    health_after = (
+        "health after the DNS runs, probing server",
+        f"{after['instances']['Healthy']} / {after['instances']['Unhealthy']} / {after['instances']['Unknown']}",
+        f"Healthy / Unhealthy / Unknown; mass-failure guard engaged {guard['engagements']} time(s)",
+    )
     dns_rows = [
         ("DNS queries/s, probing server", f"{qps_probing:.0f}", format_codes(results.dns_probing)),
         ("DNS queries/s, idle server", f"{qps_idle:.0f}", format_codes(results.dns_idle)),
         ("DNS rate ratio, probing / idle", f"{qps_probing / qps_idle:.2f}" if qps_idle else "n/a", ""),
         ("DNS lost queries, probing / idle", f"{lost_probing:.0f} / {lost_idle:.0f}",
          f"unanswered within {DNS_QUERY_TIMEOUT:g} s"),
+        health_after,
     ]
     dns_note = f"{results.dns_tool}, {options.seconds:g} s per run, median of {options.repeats} run(s) per server"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -83,6 +84,7 @@ class CatalogWrite:
     rows with it; the ``*_index`` fields of the objects here are provisional.
     """
 
+    create_services: list[Service] = field(default_factory=list)  # inserted: an existing code conflicts
     upsert_services: list[Service] = field(default_factory=list)
     delete_services: list[str] = field(default_factory=list)
     upsert_instances: list[Instance] = field(default_factory=list)
@@ -114,6 +116,18 @@ class CatalogStore(TypingProtocol):
 
 
 Listener = Callable[[Change], None]
+
+
+def _runs_to_completion(method):
+    """Run a write method as its own task, shielded, so a cancelled caller (a
+    client that hung up) cannot leave a committed write unapplied in memory."""
+
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        task = asyncio.get_running_loop().create_task(method(self, *args, **kwargs))
+        return await asyncio.shield(task)
+
+    return wrapper
 
 
 @dataclass(slots=True)
@@ -154,7 +168,6 @@ class Registry:
         self._by_key: dict[tuple[str, str, int, str], str] = {}
         self._healthy_probed = 0  # probed instances now Healthy, kept for the mass-failure guard
         self._listeners: list[Listener] = []
-        self._write_lock = asyncio.Lock()
         self._pending_health: dict[str, HealthUpdate] = {}
         # Indexes this node committed itself, so the change feed skips them.
         self._own_indexes: set[int] = set()
@@ -246,39 +259,42 @@ class Registry:
 
     # ----- catalog writes (durable when they return) ----------------------
 
+    @_runs_to_completion
     async def create_service(self, code: str, name: str | None = None) -> Service:
-        async with self._write_lock:
-            if code in self._services:
-                raise ConflictError(f"service {code!r} already exists")
-            service = Service(code=code, name=name or code, created_index=0, modify_index=0)
-            index = await self._commit(CatalogWrite(upsert_services=[service]))
-            service = replace(service, created_index=index, modify_index=index)
-            self._services[code] = service
-            self._by_service[code] = {}
-            self._apply(Change(index, ChangeKind.SERVICE_UPSERT, code))
-            registry_log.info("Created service %s", code)
-            return service
+        if code in self._services:
+            raise ConflictError(f"service {code!r} already exists")
+        service = Service(code=code, name=name or code, created_index=0, modify_index=0)
+        try:
+            index = await self._commit(CatalogWrite(create_services=[service]))
+        except ConflictError:
+            raise ConflictError(f"service {code!r} already exists") from None
+        service = replace(service, created_index=index, modify_index=index)
+        self._services[code] = service
+        self._by_service[code] = {}
+        self._apply(Change(index, ChangeKind.SERVICE_UPSERT, code))
+        registry_log.info("Created service %s", code)
+        return service
 
+    @_runs_to_completion
     async def delete_service(self, code: str, *, force: bool = False) -> list[str]:
         """Delete a service; with ``force`` its instances go too. Return their ids."""
-        async with self._write_lock:
-            if code not in self._services:
-                raise NotFoundError(f"service {code!r} not found")
-            instance_ids = list(self._by_service.get(code, {}))
-            if instance_ids and not force:
-                raise ConflictError(
-                    f"service {code!r} still has {len(instance_ids)} instance(s); "
-                    "deregister them first, or delete with force (?force=true over HTTP, --force in the CLI)"
-                )
-            doomed = [self._instances[instance_id] for instance_id in instance_ids]
-            index = await self._commit(CatalogWrite(delete_services=[code], delete_instances=doomed))
-            for instance_id in instance_ids:
-                self._drop_instance(instance_id)
-            del self._services[code]
-            self._by_service.pop(code, None)
-            self._apply(Change(index, ChangeKind.SERVICE_DELETE, code))
-            registry_log.info("Deleted service %s with %d instance(s)", code, len(instance_ids))
-            return instance_ids
+        if code not in self._services:
+            raise NotFoundError(f"service {code!r} not found")
+        instance_ids = list(self._by_service.get(code, {}))
+        if instance_ids and not force:
+            raise ConflictError(
+                f"service {code!r} still has {len(instance_ids)} instance(s); "
+                "deregister them first, or delete with force (?force=true over HTTP, --force in the CLI)"
+            )
+        doomed = [self._instances[instance_id] for instance_id in instance_ids]
+        index = await self._commit(CatalogWrite(delete_services=[code], delete_instances=doomed))
+        for instance_id in instance_ids:
+            self._drop_instance(instance_id)
+        del self._services[code]
+        self._by_service.pop(code, None)
+        self._apply(Change(index, ChangeKind.SERVICE_DELETE, code))
+        registry_log.info("Deleted service %s with %d instance(s)", code, len(instance_ids))
+        return instance_ids
 
     async def register(self, code: str, spec: InstanceSpec) -> tuple[Instance, bool]:
         """Register an instance, or update the one with the same registration key.
@@ -299,107 +315,107 @@ class Registry:
         await self.catch_up()
         return await self._register_once(code, spec)
 
+    @_runs_to_completion
     async def _register_once(self, code: str, spec: InstanceSpec) -> tuple[Instance, bool]:
-        async with self._write_lock:
-            now = self._clock()
-            write = CatalogWrite()
-            service = self._services.get(code)
-            if service is None:
-                service = Service(code=code, name=code, created_index=0, modify_index=0)
-                write.upsert_services.append(service)
+        now = self._clock()
+        write = CatalogWrite()
+        service = self._services.get(code)
+        if service is None:
+            service = Service(code=code, name=code, created_index=0, modify_index=0)
+            write.upsert_services.append(service)
 
-            existing_id = self._by_key.get(registration_key(code, spec.address, spec.protocol))
-            existing = self._instances.get(existing_id) if existing_id else None
-            if existing is not None:
-                # Fields the request left out keep their registered values.
-                check = spec.check if "check" in spec.sent else existing.check
-                keep_health = existing.check == check and str(existing.address) == str(spec.address)
-                instance = replace(
-                    existing,
-                    address=spec.address,
-                    check=check,
-                    tags=spec.tags if "tags" in spec.sent else existing.tags,
-                    metadata=dict(spec.metadata) if "metadata" in spec.sent else existing.metadata,
-                    weight=spec.weight if "weight" in spec.sent else existing.weight,
-                    health=existing.health if keep_health else Health.UNKNOWN,
-                    output=existing.output if keep_health else "",
-                    updated_at=now,
-                )
-            else:
-                instance = Instance(
-                    id=str(uuid.uuid4()),
-                    service=code,
-                    address=spec.address,
-                    protocol=spec.protocol,
-                    health=Health.UNKNOWN,
-                    check=spec.check,
-                    tags=spec.tags,
-                    metadata=dict(spec.metadata),
-                    weight=spec.weight,
-                    registered_at=now,
-                    updated_at=now,
-                )
-            write.upsert_instances.append(instance)
-            index = await self._commit(write)
+        existing_id = self._by_key.get(registration_key(code, spec.address, spec.protocol))
+        existing = self._instances.get(existing_id) if existing_id else None
+        if existing is not None:
+            # Fields the request left out keep their registered values.
+            check = spec.check if "check" in spec.sent else existing.check
+            keep_health = existing.check == check and str(existing.address) == str(spec.address)
             instance = replace(
-                instance, modify_index=index, created_index=existing.created_index if existing else index
+                existing,
+                address=spec.address,
+                check=check,
+                tags=spec.tags if "tags" in spec.sent else existing.tags,
+                metadata=dict(spec.metadata) if "metadata" in spec.sent else existing.metadata,
+                weight=spec.weight if "weight" in spec.sent else existing.weight,
+                health=existing.health if keep_health else Health.UNKNOWN,
+                output=existing.output if keep_health else "",
+                updated_at=now,
             )
-
-            if write.upsert_services:
-                service = replace(service, created_index=index, modify_index=index)
-                self._services[code] = service
-                self._by_service[code] = {}
-                self._apply(Change(index, ChangeKind.SERVICE_UPSERT, code), bump=False)
-            self._put_instance(instance)
-            fresh = existing is None or existing.health is not instance.health or existing.check != instance.check
-            self._health.track(instance, now, fresh=fresh)
-            self._apply(Change(index, ChangeKind.INSTANCE_UPSERT, code, instance.id))
-            registry_log.info(
-                "%s instance %s of %s at %s (%s)",
-                "Registered" if existing is None else "Updated",
-                instance.id, code, instance.address, instance.protocol.value,
+        else:
+            instance = Instance(
+                id=str(uuid.uuid4()),
+                service=code,
+                address=spec.address,
+                protocol=spec.protocol,
+                health=Health.UNKNOWN,
+                check=spec.check,
+                tags=spec.tags,
+                metadata=dict(spec.metadata),
+                weight=spec.weight,
+                registered_at=now,
+                updated_at=now,
             )
-            return instance, existing is None
+        write.upsert_instances.append(instance)
+        index = await self._commit(write)
+        instance = replace(
+            instance, modify_index=index, created_index=existing.created_index if existing else index
+        )
 
+        if write.upsert_services:
+            service = replace(service, created_index=index, modify_index=index)
+            self._services[code] = service
+            self._by_service[code] = {}
+            self._apply(Change(index, ChangeKind.SERVICE_UPSERT, code), bump=False)
+        self._put_instance(instance)
+        fresh = existing is None or existing.health is not instance.health or existing.check != instance.check
+        self._health.track(instance, now, fresh=fresh)
+        self._apply(Change(index, ChangeKind.INSTANCE_UPSERT, code, instance.id))
+        registry_log.info(
+            "%s instance %s of %s at %s (%s)",
+            "Registered" if existing is None else "Updated",
+            instance.id, code, instance.address, instance.protocol.value,
+        )
+        return instance, existing is None
+
+    @_runs_to_completion
     async def deregister(self, instance_id: str) -> Instance:
-        async with self._write_lock:
-            instance = self._instances.get(instance_id)
-            if instance is None:
-                raise NotFoundError(f"instance {instance_id!r} not found")
-            index = await self._commit(CatalogWrite(delete_instances=[instance]))
-            self._drop_instance(instance_id)
-            self._apply(Change(index, ChangeKind.INSTANCE_DELETE, instance.service, instance_id))
-            registry_log.info("Deregistered instance %s of %s at %s", instance_id, instance.service, instance.address)
-            return instance
+        instance = self._instances.get(instance_id)
+        if instance is None:
+            raise NotFoundError(f"instance {instance_id!r} not found")
+        index = await self._commit(CatalogWrite(delete_instances=[instance]))
+        self._drop_instance(instance_id)
+        self._apply(Change(index, ChangeKind.INSTANCE_DELETE, instance.service, instance_id))
+        registry_log.info("Deregistered instance %s of %s at %s", instance_id, instance.service, instance.address)
+        return instance
 
+    @_runs_to_completion
     async def set_maintenance(self, instance_id: str, reason: str | None) -> Instance:
         """Take an instance out of discovery (``reason`` set) or return it (None); durable.
 
         Maintenance leaves checks running, so turning it off returns the
         instance to whatever its checks say by then.
         """
-        async with self._write_lock:
-            instance = self._instances.get(instance_id)
-            if instance is None:
-                raise NotFoundError(f"instance {instance_id!r} not found")
-            if instance.maintenance_reason == reason:
-                return instance
-            now = self._clock()
-            updated = replace(
-                instance,
-                maintenance_reason=reason,
-                maintenance_since=now if reason is not None else None,
-                updated_at=now,
-            )
-            index = await self._commit(CatalogWrite(upsert_instances=[updated]))
-            updated = replace(updated, modify_index=index)
-            self._put_instance(updated)
-            self._apply(Change(index, ChangeKind.MAINTENANCE, updated.service, updated.id))
-            if reason is None:
-                registry_log.info("Instance %s of %s left maintenance", instance_id, instance.service)
-            else:
-                registry_log.info("Instance %s of %s entered maintenance: %s", instance_id, instance.service, reason)
-            return updated
+        instance = self._instances.get(instance_id)
+        if instance is None:
+            raise NotFoundError(f"instance {instance_id!r} not found")
+        if instance.maintenance_reason == reason:
+            return instance
+        now = self._clock()
+        updated = replace(
+            instance,
+            maintenance_reason=reason,
+            maintenance_since=now if reason is not None else None,
+            updated_at=now,
+        )
+        index = await self._commit(CatalogWrite(upsert_instances=[updated]))
+        updated = replace(updated, modify_index=index)
+        self._put_instance(updated)
+        self._apply(Change(index, ChangeKind.MAINTENANCE, updated.service, updated.id))
+        if reason is None:
+            registry_log.info("Instance %s of %s left maintenance", instance_id, instance.service)
+        else:
+            registry_log.info("Instance %s of %s entered maintenance: %s", instance_id, instance.service, reason)
+        return updated
 
     # ----- change feed (changes committed by other nodes) --------------------
 
@@ -421,8 +437,7 @@ class Registry:
         self._database_index = database_index
         if records is None:
             snapshot = await self._store.load()
-            async with self._write_lock:
-                self._reload(snapshot)
+            self._reload(snapshot)
             registry_log.warning(
                 "Change feed fell behind the change log; reloaded the catalog at index %d", snapshot.index
             )
@@ -431,14 +446,13 @@ class Registry:
         codes = {record.service for record in foreign}
         ids = {record.instance_id for record in foreign if record.instance_id}
         services, instances = await self._store.fetch(codes, ids) if foreign else ({}, {})
-        async with self._write_lock:
-            for record in foreign:
-                self._apply_record(record, services, instances)
-            if records:
-                last = records[-1].index
-                self._feed_index = max(self._feed_index, last)
-                self._own_indexes = {index for index in self._own_indexes if index > last}
-                self._index = max(self._index, last)
+        for record in foreign:
+            self._apply_record(record, services, instances)
+        if records:
+            last = records[-1].index
+            self._feed_index = max(self._feed_index, last)
+            self._own_indexes = {index for index in self._own_indexes if index > last}
+            self._index = max(self._index, last)
         return len(foreign)
 
     def _apply_record(
@@ -651,19 +665,18 @@ class Registry:
         if not self._pending_health or self._store is None:
             self._pending_health.clear()
             return
-        async with self._write_lock:
-            pending = [update for update in self._pending_health.values() if update.instance_id in self._instances]
-            self._pending_health.clear()
-            if not pending:
-                return
-            try:
-                index = await self._store.commit(CatalogWrite(health_updates=pending))
-            except StoreUnavailableError:
-                for update in pending:
-                    self._pending_health.setdefault(update.instance_id, update)
-                raise
-            self._own_indexes.add(index)
-            self._index = max(self._index, index)
+        pending = [update for update in self._pending_health.values() if update.instance_id in self._instances]
+        self._pending_health.clear()
+        if not pending:
+            return
+        try:
+            index = await self._store.commit(CatalogWrite(health_updates=pending))
+        except StoreUnavailableError:
+            for update in pending:
+                self._pending_health.setdefault(update.instance_id, update)
+            raise
+        self._own_indexes.add(index)
+        self._index = max(self._index, index)
 
     async def run_health_writer(self, retry_delay: float = 1.0) -> None:
         """Flush health changes as they come until cancelled; retry while the store is down."""

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from conftest import ServerProcess, free_port
+from logpose.config import load_settings
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,22 @@ def test_config_errors_name_the_setting(pki, tmp_path):
         assert result.returncode == 2, (expected, result.stderr)
         assert expected in result.stderr, (expected, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_tls_settings_from_every_source(tmp_path):
+    config = tmp_path / "logpose.toml"
+    config.write_text('tls_cert = "/file/cert.pem"\ntls_key = "/file/key.pem"\ntls_client_ca = "/file/ca.pem"\n')
+    from_file = load_settings({}, {}, config)
+    assert (from_file.tls_cert, from_file.tls_key, from_file.tls_client_ca) == (
+        Path("/file/cert.pem"), Path("/file/key.pem"), Path("/file/ca.pem"))
+
+    environ = {"LOGPOSE_TLS_CERT": "/env/cert.pem", "LOGPOSE_TLS_KEY": "/env/key.pem"}
+    from_environment = load_settings({}, environ, config)
+    assert from_environment.tls_cert == Path("/env/cert.pem")
+    assert from_environment.tls_client_ca == Path("/file/ca.pem")
+
+    from_flags = load_settings({"tls_key": "/flag/key.pem"}, environ, config)
+    assert from_flags.tls_key == Path("/flag/key.pem")
 
 
 def test_mismatched_key_message(pki, tmp_path):

@@ -16,8 +16,10 @@ from logpose.nameserver.forward import format_address
 from logpose.nameserver.limits import ResponseRateLimiter
 from logpose.nameserver.throttle import LogThrottle
 
-# Tries at binding TCP to the port the kernel picked for UDP when port 0 was asked.
-PORT_PICK_ATTEMPTS = 5
+# Tries at binding TCP to the port the kernel picked for UDP when port 0 was asked. UDP
+# ports come from the same range as the local ports of outgoing TCP connections, so on a
+# busy host several picks in a row can be taken for TCP.
+PORT_PICK_ATTEMPTS = 20
 MAX_RATE_LIMIT = 1_000_000  # responses per second and source
 _RATE_LIMIT_LOG_INTERVAL = 10.0  # seconds between two log lines about dropped responses
 
