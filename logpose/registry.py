@@ -118,6 +118,9 @@ class CatalogStore(TypingProtocol):
 Listener = Callable[[Change], None]
 
 
+_CATALOG_KINDS = frozenset(kind.value for kind in ChangeKind)
+
+
 def _runs_to_completion(method):
     """Run a write method as its own task, shielded, so a cancelled caller (a
     client that hung up) cannot leave a committed write unapplied in memory."""
@@ -172,6 +175,7 @@ class Registry:
         # Indexes this node committed itself, so the change feed skips them.
         self._own_indexes: set[int] = set()
         self._feed_index = 0  # every change up to this index is applied here
+        self._kind_watchers: dict[str, list[Callable[[], None]]] = {}
         self._database_index = 0
         self._health_dirty = asyncio.Event()
 
@@ -441,8 +445,13 @@ class Registry:
             registry_log.warning(
                 "Change feed fell behind the change log; reloaded the catalog at index %d", snapshot.index
             )
+            for watchers in self._kind_watchers.values():
+                for watcher in watchers:
+                    watcher()
             return 1
         foreign = [record for record in records if record.index not in self._own_indexes]
+        other_kinds = {record.kind for record in foreign if record.kind not in _CATALOG_KINDS}
+        foreign = [record for record in foreign if record.kind in _CATALOG_KINDS]
         codes = {record.service for record in foreign}
         ids = {record.instance_id for record in foreign if record.instance_id}
         services, instances = await self._store.fetch(codes, ids) if foreign else ({}, {})
@@ -453,7 +462,14 @@ class Registry:
             self._feed_index = max(self._feed_index, last)
             self._own_indexes = {index for index in self._own_indexes if index > last}
             self._index = max(self._index, last)
-        return len(foreign)
+        for kind in other_kinds:
+            for watcher in self._kind_watchers.get(kind, []):
+                watcher()
+        return len(foreign) + len(other_kinds)
+
+    def watch_kind(self, kind: str, watcher: Callable[[], None]) -> None:
+        """Call ``watcher`` when the change feed brings changes of a non-catalog ``kind`` (e.g. "client")."""
+        self._kind_watchers.setdefault(kind, []).append(watcher)
 
     def _apply_record(
         self, record: ChangeRecord, services: dict[str, Service], instances: dict[str, Instance]

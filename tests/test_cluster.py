@@ -271,3 +271,18 @@ def test_database_outage_rejects_writes_keeps_reads(cluster, private_postgres, t
             )
     assert node_a.log().count("is unreachable: writes are rejected") == 1
     assert "is reachable again" in node_a.log()
+
+
+def test_client_removal_revokes_tokens_on_every_node(cluster):
+    node_a, node_b = cluster(2)
+    admin = token_of(node_a)
+    with client(node_a, admin) as api_a, client(node_b, admin) as api_b:
+        created = api_a.post("/api/clients", json={"common_name": "billing", "role": "reader"}).json()
+        issued = httpx.post(node_b.url + "/api/auth/token",
+                            json={"common_name": "billing", "secret": created["secret"]})
+        assert issued.status_code == 200, issued.text
+        reader = issued.json()["access_token"]
+        with client(node_b, reader) as as_reader:
+            assert as_reader.get("/api/services").status_code == 200
+            assert api_a.delete("/api/clients/billing").status_code == 204
+            assert wait_until(lambda: as_reader.get("/api/services").status_code == 401, timeout=3)

@@ -26,6 +26,7 @@ from logpose.server.systemd import SystemdNotifier
 from logpose.server.tls import server_ssl_context
 from logpose.store import SqlStore, database_url_for
 from logpose.store.control import ControlChannel
+from logpose.store.sql import CLIENT_CHANGE
 
 EXIT_CONFIG = 2
 EXIT_STORE = 3
@@ -73,6 +74,7 @@ async def serve(settings: Settings) -> None:
         raise StartupError(exc.detail, EXIT_STORE) from exc
 
     background: list[asyncio.Task[None]] = []
+    reloads: set[asyncio.Task[None]] = set()  # client-table reloads the change feed asked for
     duties: ProberDuties | None = None
     dns_server: DnsServer | None = None
     runner: web.AppRunner | None = None
@@ -120,6 +122,7 @@ async def serve(settings: Settings) -> None:
                 on_leadership=duties.set_leader,
                 period=min(max(settings.probe_interval / 2, 0.5), 5.0),
             )
+            registry.watch_kind(CLIENT_CHANGE, lambda: _spawn(reloads, _reload_clients(authenticator)))
             background.append(asyncio.create_task(registry.run_change_feed(wake), name="change-feed"))
             background.append(asyncio.create_task(channel.run(), name="control-channel"))
 
@@ -184,6 +187,22 @@ async def serve(settings: Settings) -> None:
             await registry.flush_health()
         await store.close()
         server_log.info("LogPose stopped")
+
+
+def _spawn(tasks: set[asyncio.Task[None]], coroutine) -> None:
+    """Run ``coroutine`` as a task, keeping a strong reference until it ends."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def _reload_clients(authenticator: Authenticator) -> None:
+    """Reload the client table after another node changed it, so its revocations apply here too."""
+    try:
+        await authenticator.load_clients()
+    except StoreUnavailableError as exc:
+        # The change feed reads the log again once the database is back, and calls this again.
+        server_log.warning("Could not reload clients changed on another node: %s", exc.detail)
 
 
 class ProberDuties:

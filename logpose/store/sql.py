@@ -38,7 +38,8 @@ NOTIFY_CHANNEL = "logpose_changes"
 # The change log keeps this many indexes; a node further behind reloads everything.
 CHANGE_LOG_LENGTH = 10000
 CHANGE_LOG_PRUNE_EVERY = 100
-MAX_BATCH = 256  # writes committed in one transaction at most
+MAX_BATCH = 256
+CLIENT_CHANGE = "client"  # change-log kind for any change to the clients table  # writes committed in one transaction at most
 DATABASE_FILE_NAME = "logpose.db"
 
 
@@ -392,6 +393,7 @@ class SqlStore:
 
     async def create_client(self, client: ClientRecord) -> None:
         async with self._transaction() as connection:
+            await self._record_client_change(connection)
             await connection.execute(
                 sa.insert(schema.clients).values(
                     common_name=client.common_name,
@@ -405,6 +407,7 @@ class SqlStore:
     async def update_client(self, client: ClientRecord) -> bool:
         """Replace the role, services and secret hash of a client; return False when it does not exist."""
         async with self._transaction() as connection:
+            await self._record_client_change(connection)
             updated = await connection.execute(
                 sa.update(schema.clients)
                 .where(schema.clients.c.common_name == client.common_name)
@@ -415,8 +418,15 @@ class SqlStore:
     async def delete_client(self, common_name: str) -> bool:
         """Delete a client; return False when it does not exist."""
         async with self._transaction() as connection:
+            await self._record_client_change(connection)
             deleted = await connection.execute(sa.delete(schema.clients).where(schema.clients.c.common_name == common_name))
         return deleted.rowcount == 1
+
+    async def _record_client_change(self, connection: Any) -> None:
+        # Client rows travel through the change log like the catalog, so a
+        # removal or rotation on one node revokes tokens on every node.
+        index = await self._next_index(connection)
+        await self._record_changes(connection, index, [(CLIENT_CHANGE, "", None)])
 
     # ----- connections and error mapping ------------------------------------
 
