@@ -58,6 +58,7 @@ MAX_CLIENT_SERVICES = 256
 # Failed token requests allowed per common name and per source address in the window.
 MAX_TOKEN_FAILURES = 10
 TOKEN_FAILURE_WINDOW = 60.0  # seconds
+VERIFIED_TOKEN_CACHE_SIZE = 10000  # tokens whose signature check is remembered
 
 # scrypt cost: N=2^14, r=8, p=1 uses 16 MiB and about 50 ms per check on one core.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -208,6 +209,14 @@ def load_signing_key(data_dir: Path, configured: str | None) -> bytes:
 # ----- the authenticator -----------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
+class _VerifiedToken:
+    subject: str
+    secret_version: str
+    token_id: str
+    expires_at: int  # Unix time, seconds
+
+
+@dataclass(frozen=True, slots=True)
 class _KnownClient:
     record: ClientRecord
     secret_version: str
@@ -227,6 +236,7 @@ class Authenticator:
         self._key = signing_key
         self._lifetime = token_lifetime
         self._clients: dict[str, _KnownClient] = {}
+        self._verified: dict[str, _VerifiedToken] = {}  # oldest first, so the first entry is evicted
         # Serialises client writes, so the last-admin check and the delete after it see the same table.
         self._write_lock = asyncio.Lock()
         self._failures_by_name = FailureLimiter(MAX_TOKEN_FAILURES, TOKEN_FAILURE_WINDOW)
@@ -377,6 +387,21 @@ class Authenticator:
         The role and services come from the client table, not from the token,
         so they are always the client's current ones.
         """
+        verified = self._verified.get(token)
+        if verified is None or time.time() > verified.expires_at + CLOCK_SKEW_LEEWAY:
+            verified = self._decode(token)
+        subject, version = verified.subject, verified.secret_version
+        # Revocation is checked on every request, cached signature or not.
+        known = self._clients.get(subject)
+        if known is None or not hmac.compare_digest(known.secret_version.encode(), version.encode()):
+            raise AuthenticationError(
+                f"the token was revoked: client {subject!r} was removed or its secret rotated; request a new token"
+            )
+        record = known.record
+        return Principal(record.common_name, record.role, record.services, verified.token_id, verified.expires_at)
+
+    def _decode(self, token: str) -> _VerifiedToken:
+        """Check the token's signature and claims, and remember the result for later requests."""
         try:
             claims = jwt.decode(
                 token,
@@ -388,6 +413,7 @@ class Authenticator:
                 options={"require": list(REQUIRED_CLAIMS)},
             )
         except jwt.ExpiredSignatureError as exc:
+            self._verified.pop(token, None)
             raise AuthenticationError("the token has expired; request a new one at /api/auth/token") from exc
         except jwt.PyJWTError as exc:
             raise AuthenticationError(f"invalid token: {exc}") from exc
@@ -395,13 +421,13 @@ class Authenticator:
         version = claims[SECRET_VERSION_CLAIM]
         if not isinstance(subject, str) or not isinstance(version, str):
             raise AuthenticationError("invalid token: the sub and secret_version claims must be strings")
-        known = self._clients.get(subject)
-        if known is None or not hmac.compare_digest(known.secret_version.encode(), version.encode()):
-            raise AuthenticationError(
-                f"the token was revoked: client {subject!r} was removed or its secret rotated; request a new token"
-            )
-        record = known.record
-        return Principal(record.common_name, record.role, record.services, str(claims["jti"]), int(claims["exp"]))
+        verified = _VerifiedToken(subject, version, str(claims["jti"]), int(claims["exp"]))
+        # Checking a JWT costs more than the rest of a discovery request, so
+        # verified tokens are kept, a bounded number, until they expire.
+        if len(self._verified) >= VERIFIED_TOKEN_CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[token] = verified
+        return verified
 
     # ----- failed attempts ---------------------------------------------------
 

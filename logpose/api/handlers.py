@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from logpose.api.state import AUTHENTICATOR, REGISTRY, peer_certificate_name, principal_of
+from logpose.api.state import AUTHENTICATOR, DISCOVERY_CACHE, REGISTRY, peer_certificate_name, principal_of
 from logpose.api.views import instance_view, service_view
 from logpose.errors import InstanceNotRegisteredError, MalformedRequestError, NotFoundError, ValidationError
 from logpose.model import (
@@ -211,10 +211,12 @@ async def report_health(request: web.Request) -> web.Response:
 async def discover(request: web.Request) -> web.Response:
     code = parse_service_code(request.match_info["code"])
     service = service_or_404(request, code)
-    registry = request.app[REGISTRY]
-    index = registry.index
-    views = [instance_view(instance, service.name) for instance in registry.discoverable(code)]
-    return json_response(views, index=index)
+    body = request.app[DISCOVERY_CACHE].body(code, service.name)
+    return web.Response(
+        body=body,
+        content_type="application/json",
+        headers={INDEX_HEADER: str(request.app[REGISTRY].index)},
+    )
 
 
 def add_routes(app: web.Application) -> None:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from logpose.api.discovery import DiscoveryCache
 from logpose.api.problems import Handler
 from logpose.auth import Authenticator, Principal
 from logpose.errors import AuthenticationError
 from logpose.registry import Registry
 
 REGISTRY = web.AppKey("registry", Registry)
+DISCOVERY_CACHE = web.AppKey("discovery_cache", DiscoveryCache)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 PRINCIPAL_KEY = "logpose.principal"
 
