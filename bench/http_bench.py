@@ -26,8 +26,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,8 @@ from pathlib import Path
 
 import aiosqlite
 import httpx
+
+from benchlib import free_port, stop_process
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 30.0  # seconds
@@ -56,19 +56,6 @@ uvloop.run(web._run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None
 '''
 
 
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((HOST, port))
-                except OSError:
-                    continue
-                return port
-
-
 def wait_http(url: str, process: subprocess.Popen, headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
@@ -80,16 +67,6 @@ def wait_http(url: str, process: subprocess.Popen, headers: dict[str, str] | Non
         except httpx.HTTPError:
             time.sleep(0.05)
     raise SystemExit(f"{url} did not answer within {STARTUP_TIMEOUT:g} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def run_wrk(url: str, seconds: float, token: str | None) -> float:
@@ -219,7 +196,7 @@ def main() -> None:
             raw_rate = asyncio.run(insert_raw(Path(folder) / "raw.db", arguments.writes))
         finally:
             for process in processes:
-                stop(process)
+                stop_process(process)
 
     discovery, minimal = statistics.median(logpose_rates), statistics.median(baseline_rates)
     print(f"discovery body: {len(body)} bytes, wrk -t2 -c{WRK_CONNECTIONS} -d{arguments.seconds:g}s, "

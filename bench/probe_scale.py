@@ -50,6 +50,8 @@ from pathlib import Path
 
 import httpx
 
+from benchlib import BenchmarkError, free_port
+
 HOST = "127.0.0.1"
 ZONE = "logpose.internal"  # the server's default zone
 SERVER_DEFAULT_INTERVAL = 10.0  # seconds, the server's default probe_interval
@@ -60,10 +62,6 @@ FD_MARGIN = 256  # descriptors beyond the listeners: logs, pipes, the interprete
 SPLIT_TOLERANCE = 0.01  # share of instances allowed in the wrong health when classified
 DNS_QUERY_TIMEOUT = 1.0  # seconds before an unanswered DNS query counts as lost
 DNS_IN_FLIGHT = 64  # DNS queries outstanding at once, for both load generators
-
-
-class BenchmarkError(Exception):
-    """A check failed or a component could not start; the message names it."""
 
 
 @dataclass
@@ -251,21 +249,6 @@ def pick_closed_ports(count: int) -> list[int]:
         if len(ports) == count:
             return ports
     raise BenchmarkError(f"found only {len(ports)} free ports below the ephemeral range, {count} needed")
-
-
-def free_port() -> int:
-    """Return a loopback port that is free for both TCP and UDP."""
-    for _attempt in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((HOST, port))
-                except OSError:
-                    continue
-            return port
-    raise BenchmarkError("no loopback port was free for both TCP and UDP after 50 attempts")
 
 
 # ----- servers ------------------------------------------------------------------------

@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,23 +35,12 @@ import dns.query
 import dns.rcode
 import httpx
 
+from benchlib import free_port, stop_process
+
 HOST = "127.0.0.1"
 ZONE = "logpose.internal"
 POLL_TIMEOUT = 5.0  # seconds to wait for one change to show
 STARTUP_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((HOST, port))
-                except OSError:
-                    continue
-                return port
 
 
 class Node:
@@ -87,13 +74,7 @@ class Node:
         return dns.query.udp(query, HOST, port=self.dns_port, timeout=1).rcode()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.log.close()
 
 
