@@ -56,7 +56,7 @@ class HealthTransition:
 
 @dataclass(slots=True)
 class HealthState:
-    """What the tracker knows of one instance besides its current health."""
+    """The tracker's counters and check times for one instance, besides its current health."""
 
     successes: int = 0
     failures: int = 0
@@ -73,7 +73,7 @@ class HealthState:
 
 @dataclass(slots=True)
 class Verdict:
-    """What one check result means: the health to set, and instances the guard restores."""
+    """The outcome of one check result: the health to set, and the instances the guard restores."""
 
     health: Health
     restore: list[str] = field(default_factory=list)
@@ -131,6 +131,14 @@ class MassFailureGuard:
     def release(self) -> None:
         self.active = False
         self.active_since = None
+
+    def configure(self, *, share: float, window: float, enabled: bool) -> None:
+        """Replace the settings; turning the guard off releases it, so held falls happen at the next result."""
+        self.share = share
+        self.window = window
+        self.enabled = enabled and share > 0
+        if not self.enabled:
+            self.release()
 
     def forget(self, instance_id: str) -> None:
         self._recent_falls.pop(instance_id, None)

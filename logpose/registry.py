@@ -100,7 +100,7 @@ class CatalogSnapshot:
 
 
 class CatalogStore(TypingProtocol):
-    """What the registry needs from persistence; ``logpose.store`` implements it."""
+    """The persistence interface the registry uses; ``logpose.store`` implements it."""
 
     async def load(self) -> CatalogSnapshot: ...
 
@@ -237,6 +237,11 @@ class Registry:
     @property
     def health_defaults(self) -> HealthDefaults:
         return self._health.defaults
+
+    @health_defaults.setter
+    def health_defaults(self, defaults: HealthDefaults) -> None:
+        """Apply new server-wide check settings from the next check result or deadline on."""
+        self._health.defaults = defaults
 
     @property
     def guard(self) -> MassFailureGuard:
@@ -500,7 +505,7 @@ class Registry:
             return
         pending = self._pending_health.get(record.instance_id)
         if pending is not None:
-            # This node holds a newer health result that is not written yet: keep it.
+            # This node has a newer health result that is not written yet, so keep it.
             instance = replace(instance, health=pending.health, output=pending.output)
         if current == instance:
             return

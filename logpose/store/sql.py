@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, SQLAlchemyError
@@ -76,6 +77,7 @@ class SqlStore:
         self._queue: list[tuple[CatalogWrite, asyncio.Future[int]]] = []
         self._queue_ready = asyncio.Event()
         self._batcher: asyncio.Task[None] | None = None
+        self.batch_timer = lambda size: contextlib.nullcontext()  # metrics hook: times one commit of ``size`` writes
 
     def note_available(self, available: bool, detail: str) -> None:
         """Log once per change between reachable and unreachable, not once per failed request."""
@@ -178,7 +180,8 @@ class SqlStore:
             while self._queue:
                 batch = self._queue[:MAX_BATCH]
                 del self._queue[: len(batch)]
-                await self._commit_batch(batch)
+                with self.batch_timer(len(batch)):
+                    await self._commit_batch(batch)
 
     async def _commit_batch(self, batch: list[tuple[CatalogWrite, asyncio.Future[int]]]) -> None:
         writes = [write for write, _future in batch]
@@ -216,11 +219,11 @@ class SqlStore:
     async def _write_grouped(self, connection: Any, writes: list[CatalogWrite]) -> list[int]:
         """Apply a batch with one statement per kind of row; return each write's index.
 
-        Grouping changes the order of statements inside the transaction, which
-        is safe because the registry only updates, deletes or reports on rows
-        that were committed before (they are in its memory), never on rows a
-        write of the same batch inserts. A conflict raises ConflictError and the
-        caller redoes the batch write by write.
+        Grouping changes the order of statements inside the transaction. That
+        is safe because the registry updates, deletes or reports only on rows
+        committed before (they are in its memory), never on rows that a write
+        of the same batch inserts. A conflict raises ConflictError, and the
+        caller then redoes the batch write by write.
         """
         first = await self._lock_index(connection) + 1
         indexes = list(range(first, first + len(writes)))
@@ -428,6 +431,72 @@ class SqlStore:
         index = await self._next_index(connection)
         await self._record_changes(connection, index, [(CLIENT_CHANGE, "", None)])
 
+    # ----- schema revision and snapshots -----------------------------------
+
+    async def schema_revision(self) -> str | None:
+        """Return the Alembic revision the database is at; None before the first migration."""
+        async with self._connect() as connection:
+            return await connection.run_sync(_current_revision)
+
+    async def dump(self) -> tuple[CatalogSnapshot, list[ClientRecord], str | None]:
+        """Read the catalog, the clients and the schema revision in one read transaction.
+
+        The three are consistent with each other even while a server writes:
+        SQLite reads one WAL snapshot, PostgreSQL runs at REPEATABLE READ.
+        """
+        async with self._connect() as connection:
+            if not self.is_sqlite:
+                await connection.execution_options(isolation_level="REPEATABLE READ")
+            revision = await connection.run_sync(_current_revision)
+            index = (await connection.execute(sa.select(schema.catalog_state.c.change_index))).scalar() or 0
+            service_rows = (
+                await connection.execute(sa.select(schema.services).order_by(schema.services.c.code))
+            ).mappings().all()
+            instance_rows = (
+                await connection.execute(sa.select(schema.instances).order_by(schema.instances.c.created_index))
+            ).mappings().all()
+            client_rows = (
+                await connection.execute(sa.select(schema.clients).order_by(schema.clients.c.common_name))
+            ).mappings().all()
+        snapshot = CatalogSnapshot(
+            [_service_from_row(row) for row in service_rows],
+            [_instance_from_row(row) for row in instance_rows],
+            index,
+        )
+        return snapshot, [_client_from_row(row) for row in client_rows], revision
+
+    async def replace_catalog(self, snapshot: CatalogSnapshot, clients: list[ClientRecord]) -> int:
+        """Replace every service, instance and client in one transaction; return the new change index.
+
+        The rows keep the indexes they carry. The change index moves past both
+        the stored one and the snapshot's, and the change log is emptied, so a
+        node that follows this database finds a gap and reloads the whole
+        catalog. Raise ConflictError when the rows contradict each other (two
+        instances with one registration key, an instance of a missing service)
+        and StoreUnavailableError when the database fails; either way nothing
+        changes.
+        """
+        async with self._transaction() as connection:
+            index = max(await self._lock_index(connection), snapshot.index) + 1
+            for table in (schema.changes, schema.instances, schema.services, schema.clients):
+                await connection.execute(sa.delete(table))
+            if snapshot.services:
+                await connection.execute(sa.insert(schema.services), [_service_row(s) for s in snapshot.services])
+            if snapshot.instances:
+                await connection.execute(sa.insert(schema.instances), [_instance_row(i) for i in snapshot.instances])
+            if clients:
+                await connection.execute(sa.insert(schema.clients), [_client_row(client) for client in clients])
+            await connection.execute(
+                sa.update(schema.catalog_state).where(schema.catalog_state.c.id == 1).values(change_index=index)
+            )
+            if not self.is_sqlite:
+                await connection.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(index))))
+        store_log.info(
+            "Replaced the catalog: %d service(s), %d instance(s), %d client(s), now at index %d",
+            len(snapshot.services), len(snapshot.instances), len(clients), index,
+        )
+        return index
+
     # ----- connections and error mapping ------------------------------------
 
     def _connect(self) -> "_Guarded":
@@ -584,6 +653,10 @@ def _upgrade_schema(connection: Any) -> None:
     command.upgrade(config, "head")
 
 
+def _current_revision(connection: Any) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
 def _service_row(service: Service) -> dict[str, Any]:
     return {
         "code": service.code,
@@ -663,3 +736,13 @@ def _client_from_row(row: Any) -> ClientRecord:
         secret_hash=row["secret_hash"],
         created_at=row["created_at"],
     )
+
+
+def _client_row(client: ClientRecord) -> dict[str, Any]:
+    return {
+        "common_name": client.common_name,
+        "role": client.role,
+        "services": json.dumps(list(client.services)),
+        "secret_hash": client.secret_hash,
+        "created_at": client.created_at,
+    }
