@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +23,9 @@ MIN_JWT_KEY_BYTES = 32  # RFC 7518 §3.2: an HS256 key has at least 256 bits
 
 HostPort = tuple[str, int]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+_LOGGER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,9 @@ class Settings:
     tls_key: Path | None = None  # PEM private key of tls_cert, not encrypted
     tls_client_ca: Path | None = None  # PEM CA certificates; enables token requests by client certificate
     log_level: str = "INFO"
+    log_levels: tuple[tuple[str, str], ...] = ()  # (logger, level) pairs that override log_level
+    log_format: str = "text"  # "text" lines, or "json": one object per line
+    access_log: bool = True  # one line per HTTP request on logpose.access
 
 
 def parse_host_port(value: Any, key: str) -> HostPort:
@@ -179,10 +186,36 @@ def _share(value: Any, key: str) -> float:
 
 
 def _log_level(value: Any, key: str) -> str:
-    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     text = str(value).upper()
-    if text not in levels:
-        raise ConfigError(f"{key}: must be one of {', '.join(levels)}, got {value!r}")
+    if text not in LOG_LEVELS:
+        raise ConfigError(f"{key}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return text
+
+
+def _logger_levels(value: Any, key: str) -> tuple[tuple[str, str], ...]:
+    """Parse ``LOGGER=LEVEL`` items (comma-separated text or a list), or a TOML table of them."""
+    example = "logpose.access=WARNING,logpose.dns=DEBUG"
+    if isinstance(value, dict):
+        pairs = [(str(name), level) for name, level in value.items()]
+    else:
+        pairs = []
+        for item in _list_items(value, key, example):
+            name, sep, level = item.partition("=")
+            if not sep:
+                raise ConfigError(f"{key}: {item!r} is not LOGGER=LEVEL, like {example!r}")
+            pairs.append((name.strip(), level.strip()))
+    levels = {}
+    for name, level in pairs:
+        if not _LOGGER_NAME.fullmatch(name):
+            raise ConfigError(f"{key}: {name!r} is not a logger name like 'logpose.dns'")
+        levels[name] = _log_level(level, f"{key} for logger {name}")
+    return tuple(sorted(levels.items()))
+
+
+def _log_format(value: Any, key: str) -> str:
+    text = str(value).lower()
+    if text not in LOG_FORMATS:
+        raise ConfigError(f"{key}: must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
     return text
 
 
@@ -214,6 +247,9 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "tls_key": lambda value, key: Path(_text(value, key)),
     "tls_client_ca": lambda value, key: Path(_text(value, key)),
     "log_level": _log_level,
+    "log_levels": _logger_levels,
+    "log_format": _log_format,
+    "access_log": _boolean,
 }
 SETTING_KEYS = tuple(field.name for field in fields(Settings))
 assert set(_PARSERS) == set(SETTING_KEYS)

@@ -58,6 +58,7 @@ class Prober:
         self._session: aiohttp.ClientSession | None = None
         self.in_flight = 0
         self.probes_done = 0
+        self.observe_duration: Callable[[float], None] = lambda seconds: None  # metrics hook: each probe's seconds
 
     async def run(self) -> None:
         """Probe until cancelled."""
@@ -106,6 +107,34 @@ class Prober:
             except asyncio.TimeoutError:
                 pass
 
+    def reconfigure(self, concurrency: int) -> None:
+        """Take the registry's current check defaults and a new limit of probes in flight.
+
+        A probe planned later than one new interval from now moves to a random
+        point within that interval. A lower limit applies as running probes
+        finish. NOTE: the connection pool of HTTP checks keeps the limit it was
+        created with, until the prober restarts.
+        """
+        self._defaults = self._registry.health_defaults
+        loop = asyncio.get_running_loop()
+        for _ in range(concurrency - self._concurrency):
+            self._slots.release()
+        for _ in range(self._concurrency - concurrency):
+            # A slot taken and never released lowers the limit by one.
+            task = loop.create_task(self._slots.acquire())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._concurrency = concurrency
+
+        now = self._clock()
+        for due, _sequence, instance_id, generation in list(self._schedule):
+            instance = self._registry.get_instance(instance_id)
+            if instance is None or self._generations.get(instance_id) != generation:
+                continue
+            interval = self._defaults.interval_of(instance.check)
+            if due > now + interval:
+                self._plan(instance_id, now + random.uniform(0, interval))
+
     def _plan(self, instance_id: str, due: float) -> None:
         """Replace the instance's schedule with one probe at ``due`` (monotonic seconds)."""
         generation = self._generations.get(instance_id, 0) + 1
@@ -142,6 +171,7 @@ class Prober:
             self.in_flight -= 1
             self._slots.release()
         self.probes_done += 1
+        self.observe_duration(self._clock() - started)
 
         if self._generations.get(instance.id) != generation:
             return  # deregistered or re-planned while probing: the result is about an old check

@@ -97,6 +97,7 @@ ENDPOINTS = [
              EVERY_ROLE, 200, ""),
     Endpoint("discover", "GET", lambda w: ("/api/discover/alpha", None), EVERY_ROLE, 200, ""),
     Endpoint("status", "GET", lambda w: ("/api/status", None), EVERY_ROLE, 200, ""),
+    Endpoint("metrics", "GET", lambda w: ("/metrics", None), EVERY_ROLE, 200, ""),
     Endpoint("create service", "POST", lambda w: ("/api/services", {"code": w.name("new")}),
              frozenset({"admin"}), 201, "admin"),
     Endpoint("delete service", "DELETE", lambda w: (f"/api/services/{w.fresh_service()}", None),
@@ -161,7 +162,7 @@ def test_every_endpoint_needs_token(world, endpoint):
 def test_matrix_covers_every_route():
     app = build_app(Registry(None), Authenticator(None, b"k" * 64, 3600))
     routes = {(route.method, route.resource.canonical) for route in app.router.routes() if route.method != "HEAD"}
-    public = {("GET", "/healthz"), ("POST", "/api/auth/token")}
+    public = {("GET", "/healthz"), ("POST", "/api/auth/token"), ("GET", "/api/openapi.json")}
     world = _PathRecorder()
     covered = {(endpoint.method, world.route_of(endpoint)) for endpoint in ENDPOINTS}
     assert routes - public - covered == set(), "add these routes to ENDPOINTS"

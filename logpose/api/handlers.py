@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from logpose.api.state import AUTHENTICATOR, DISCOVERY_CACHE, REGISTRY, peer_certificate_name, principal_of
+from logpose.api.state import AUTHENTICATOR, DISCOVERY_CACHE, METRICS, REGISTRY, peer_certificate_name, principal_of
 from logpose.api.views import instance_view, service_view
 from logpose.errors import InstanceNotRegisteredError, MalformedRequestError, NotFoundError, ValidationError
 from logpose.model import (
@@ -91,6 +91,11 @@ async def health_check(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "index": request.app[REGISTRY].index})
 
 
+async def show_metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 async def issue_token(request: web.Request) -> web.Response:
     body = read_object(await read_json(request), {"common_name", "secret"})
     common_name = body.get("common_name")
@@ -147,6 +152,7 @@ async def register_instance(request: web.Request) -> web.Response:
     principal_of(request).require_service("registering an instance", code)
     spec = parse_instance_spec(await read_json(request))
     instance, created = await request.app[REGISTRY].register(code, spec)
+    request.app[METRICS].observe_registration(created)
     return json_response(view_instance(request, instance), status=201 if created else 200)
 
 
@@ -221,6 +227,7 @@ async def discover(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", health_check)
+    app.router.add_get("/metrics", show_metrics)
     app.router.add_post("/api/auth/token", issue_token)
     app.router.add_get("/api/services", list_services)
     app.router.add_post("/api/services", create_service)

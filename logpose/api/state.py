@@ -12,21 +12,25 @@ instance id belongs to. Handlers of admin-only reads call
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from logpose.api.discovery import DiscoveryCache
 from logpose.api.problems import Handler
 from logpose.auth import Authenticator, Principal
 from logpose.errors import AuthenticationError
+from logpose.metrics import Metrics
 from logpose.registry import Registry
 
 REGISTRY = web.AppKey("registry", Registry)
 DISCOVERY_CACHE = web.AppKey("discovery_cache", DiscoveryCache)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+METRICS = web.AppKey("metrics", Metrics)
 PRINCIPAL_KEY = "logpose.principal"
 
-# Routes anyone may call: liveness and the token exchange itself.
-PUBLIC_PATHS = frozenset({"/healthz", "/api/auth/token"})
+# Routes anyone may call: liveness, the token exchange itself and the API's description.
+PUBLIC_PATHS = frozenset({"/healthz", "/api/auth/token", "/api/openapi.json"})
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 
@@ -84,3 +88,25 @@ async def authentication_middleware(request: web.Request, handler: Handler) -> w
     _authorize(principal, request)
     request[PRINCIPAL_KEY] = principal
     return await handler(request)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request by method, route pattern (never the raw path) and final status.
+
+    A request cancelled because its client hung up has no status and is not counted.
+    """
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        _observe_request(request, exc.status, started)
+        raise
+    _observe_request(request, response.status, started)
+    return response
+
+
+def _observe_request(request: web.Request, status: int, started: float) -> None:
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else None
+    request.app[METRICS].observe_http(request.method, route, status, time.perf_counter() - started)

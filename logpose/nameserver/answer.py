@@ -47,13 +47,14 @@ from dnslib.label import DNSBuffer
 
 from logpose.log import dns_log
 from logpose.model import AddressKind, Instance
+from logpose.nameserver.cache import APEX_BUCKET, DEFAULT_MAX_BYTES, AnswerCache, PeekedQuery, patch_response, peek_query
 from logpose.nameserver.forward import Forwarder, ForwardError
 from logpose.nameserver.reverse import address_of, reverse_apexes, reverse_name
 from logpose.nameserver.throttle import LogThrottle
 from logpose.nameserver.zone import MAX_MESSAGE_SIZE, MIN_UDP_PAYLOAD, ZoneSettings
 
 if TYPE_CHECKING:
-    from logpose.registry import Registry
+    from logpose.registry import Change, Registry
 
 HEADER_SIZE = 12
 SRV_PRIORITY = 1
@@ -72,6 +73,9 @@ _ANY_PREFERENCE = (QTYPE.SOA, QTYPE.A, QTYPE.AAAA, QTYPE.SRV, QTYPE.PTR)
 _ZONE_TRANSFER_TYPES = frozenset({QTYPE.AXFR, QTYPE.IXFR})
 _QR_FLAG = 0x8000
 _MAX_ROTATION_KEYS = 10_000
+# Starting points of the rotation of one name's records, each a cached response: a
+# service with more records starts its answers at this many points spread over them.
+_MAX_ROTATIONS = 8
 _FAILURE_LOG_INTERVAL = 10.0  # seconds between two logged SERVFAIL tracebacks or forwarding failures
 
 _header_struct = struct.Struct("!HH")
@@ -155,6 +159,13 @@ class _Request:
     question: DNSQuestion | None = None
     edns: RR | None = None  # the query's OPT record
     apex: DNSLabel | None = None  # the apex of the zone the question is in, once known
+    # The question name's labels in lower case; responses are packed with it.
+    lower_name: DNSLabel | None = None
+    # The question name as asked, without compression: it replaces the lower-case
+    # name in the packed response, at the same offset and with the same length.
+    name_wire: bytes = b""
+    # The cache bucket of a question in the forward zone whose response may be cached.
+    cache_bucket: str | None = None
 
 
 @dataclass(slots=True)
@@ -169,6 +180,17 @@ class _Answer:
     records: list[RR] = field(default_factory=list)
     additional: list[list[RR]] = field(default_factory=list)
     authority: list[RR] = field(default_factory=list)
+    rotation: _Rotation | None = None  # how the records were rotated, for the cache
+    cacheable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Rotation:
+    """The rotation of one answer: ``count`` under ``key``, over ``period`` records."""
+
+    key: tuple[tuple[bytes, ...], int]
+    period: int
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,9 +239,15 @@ class Responder:
 
     Calls only the registry's synchronous read methods, so answering never waits on I/O.
     Only ``forward`` waits, on the recursors.
+
+    Responses from the forward zone are cached in wire format, at most ``cache_bytes``
+    bytes (0 turns the cache off), one per rotation position of each name, type and
+    size class. A registry change drops the cached responses of its service and of
+    the apex, and a reload of the whole catalog drops them all. A response that
+    carries the SOA serial is also dropped when the change index moves.
     """
 
-    def __init__(self, registry: Registry, settings: ZoneSettings) -> None:
+    def __init__(self, registry: Registry, settings: ZoneSettings, *, cache_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._registry = registry
         self._settings = settings
         self._zone = tuple(label.encode("ascii") for label in settings.domain.split("."))
@@ -243,6 +271,40 @@ class Responder:
         self._by_address_index = -1
         if settings.reverse_zones:
             registry.subscribe(self._forget_addresses)
+        subscribe = getattr(registry, "subscribe", None)
+        # Without change notices a cached response could outlive its records, so a
+        # registry stand-in that cannot notify gets no cache.
+        self._cache = AnswerCache(cache_bytes if subscribe is not None else 0)
+        if subscribe is not None:
+            subscribe(self._forget_answers)
+
+    @property
+    def cache(self) -> AnswerCache:
+        """The wire-format response cache, for its counters; the caller must not change it."""
+        return self._cache
+
+    def update_settings(self, settings: ZoneSettings) -> None:
+        """Answer the next queries with ``settings``' TTLs and allow list.
+
+        The domain, reverse zones and recursors stay those given to the
+        constructor: changing them needs a new Responder.
+        """
+        self._settings = settings
+        # Cached responses carry the old TTLs and payload size.
+        self._cache.clear()
+
+    def respond_cached(self, wire: bytes, transport: str, source: str | None = None) -> bytes | None:
+        """Return the cached response to a plain query ``wire``, or None when ``respond`` must build it.
+
+        Takes the same arguments as ``respond`` except ``peer``, and returns what
+        ``respond`` would, so a transport can skip formatting the peer's address.
+        """
+        if len(wire) < HEADER_SIZE or (self._settings.allow and not self._is_allowed(source)):
+            return None
+        peeked = peek_query(wire)
+        if peeked is None:
+            return None
+        return self._cached_reply(wire, peeked, self._cache_key(peeked, transport))
 
     def respond(
         self, wire: bytes, transport: str, peer: str = "-", source: str | None = None
@@ -257,6 +319,10 @@ class Responder:
         raises nothing: a message shorter than a header, or one with QR set, returns
         None, and anything else unreadable gets FORMERR. A question for the recursors
         returns a ``ForwardedQuery`` that the caller passes to ``forward``.
+
+        A plain query (see ``peek_query``) whose response is cached gets that response
+        with its own ID, RD and CD flags and question spelling, byte for byte what
+        building it again would give.
         """
         if transport not in ("udp", "tcp"):
             raise ValueError(f"transport must be 'udp' or 'tcp', got {transport!r}")
@@ -267,6 +333,19 @@ class Responder:
         if flags & _QR_FLAG:
             dns_log.debug("Dropped a message from %s with QR set: it is a response, not a query", peer)
             return None
+
+        peeked = peek_query(wire)
+        cache_key = None
+        if peeked is not None and (not self._settings.allow or self._is_allowed(source)):
+            cache_key = self._cache_key(peeked, transport)
+            reply = self._cached_reply(wire, peeked, cache_key)
+            if reply is not None:
+                if dns_log.isEnabledFor(logging.DEBUG):
+                    dns_log.debug(
+                        "%s %s %s %s -> cached response, %d bytes",
+                        peer, transport, _name_text(wire[HEADER_SIZE : peeked.name_end]), QTYPE.get(peeked.qtype), len(reply),
+                    )
+                return reply
 
         request = _Request(
             id=message_id,
@@ -282,8 +361,14 @@ class Responder:
         except _Forward:
             return ForwardedQuery(request, transport, peer)
         except Exception as error:
+            if not isinstance(error, (_NameNotFound, _NoData)):
+                request.cache_bucket = None
             answer = self._answer_error(request, error, peer)
-        return self._finish(request, answer, transport, peer)
+        reply = self._finish(request, answer, transport, peer)
+        if cache_key is not None and request.cache_bucket is not None and answer.cacheable:
+            assert peeked is not None
+            self._store_reply(cache_key, peeked, request, answer, reply)
+        return reply
 
     async def forward(self, query: ForwardedQuery) -> bytes:
         """Ask the recursors and return the response to send, SERVFAIL when none answered.
@@ -316,8 +401,13 @@ class Responder:
         try:
             reply, truncated = self._encode(request, answer, limit)
         except Exception as error:
+            request.cache_bucket = None
             answer = self._answer_error(request, error, peer)
             reply, truncated = self._encode(request, answer, limit)
+        if request.name_wire:
+            # Packed with the lower-case name; the question goes back as it was asked.
+            end = HEADER_SIZE + len(request.name_wire)
+            reply = reply[:HEADER_SIZE] + request.name_wire + reply[end:]
 
         if dns_log.isEnabledFor(logging.DEBUG):
             question = request.question
@@ -333,6 +423,67 @@ class Responder:
                 ", truncated" if truncated else "",
             )
         return reply
+
+    # ----- the response cache --------------------------------------------
+
+    def _cache_key(self, query: PeekedQuery, transport: str) -> tuple[bytes, int, int, int]:
+        if transport == "tcp":
+            limit = MAX_MESSAGE_SIZE
+        elif query.udp_payload is None:
+            limit = MIN_UDP_PAYLOAD
+        else:
+            limit = max(MIN_UDP_PAYLOAD, min(query.udp_payload, self._settings.max_udp_payload))
+        # 0: no OPT record, 1: OPT, 2: OPT with DO, which the response's OPT copies.
+        edns = 0 if query.udp_payload is None else 1 + query.dnssec_ok
+        return (query.name, query.qtype, limit, edns)
+
+    def _cached_reply(self, wire: bytes, query: PeekedQuery, key: tuple[bytes, int, int, int]) -> bytes | None:
+        cache = self._cache
+        entry = cache.get(key)
+        if entry is None or (entry.index is not None and entry.index != self._registry.index):
+            cache.misses += 1
+            return None
+        if entry.rotation_key is None:
+            cached = entry.variants[0]
+        else:
+            count = self._rotation.get(entry.rotation_key, 0)
+            cached = entry.variants[count % entry.period]
+            if cached is None:
+                # This rotation position was not built yet: the full path builds it
+                # at the same count and stores it.
+                cache.misses += 1
+                return None
+            self._advance_rotation(entry.rotation_key, count)
+        cache.hits += 1
+        return patch_response(cached, wire, query.name_end)
+
+    def _store_reply(
+        self, key: tuple[bytes, int, int, int], query: PeekedQuery, request: _Request, answer: _Answer, reply: bytes
+    ) -> None:
+        assert request.cache_bucket is not None
+        # Stored with the lower-case name, which every spelling of the name patches over.
+        canonical = reply[:HEADER_SIZE] + query.name + reply[query.name_end :]
+        records = answer.records + answer.authority
+        carries_serial = any(record.rtype == QTYPE.SOA for record in records)
+        rotation = answer.rotation
+        self._cache.store(
+            key,
+            bucket=request.cache_bucket,
+            period=rotation.period if rotation else 1,
+            rotation_key=rotation.key if rotation else None,
+            position=rotation.count if rotation else 0,
+            index=self._registry.index if carries_serial else None,
+            wire=canonical,
+        )
+
+    def _forget_answers(self, change: Change) -> None:
+        if not change.service:
+            # A reload of the whole catalog.
+            self._cache.clear()
+            return
+        self._cache.drop_bucket(change.service)
+        # The apex's SOA carries the change index as its serial.
+        self._cache.drop_bucket(APEX_BUCKET)
 
     # ----- reading the query ---------------------------------------------
 
@@ -357,8 +508,11 @@ class Responder:
             request.edns = options[0]
         if len(message.questions) != 1:
             raise _FormatError(f"{len(message.questions)} questions, but a query has exactly one")
-        _validate_name(message.questions[0].qname)
-        request.question = message.questions[0]
+        question = message.questions[0]
+        _validate_name(question.qname)
+        request.question = question
+        request.lower_name = DNSLabel(tuple(label.lower() for label in question.qname.label))
+        request.name_wire = b"".join(bytes((len(label),)) + label for label in question.qname.label) + b"\x00"
         if request.edns is not None and request.edns.edns_ver != 0:
             raise _BadEdnsVersion(f"EDNS version {request.edns.edns_ver} is not supported, only version 0")
 
@@ -379,13 +533,17 @@ class Responder:
             raise _Refused(f"{question.qname} is outside the zones of this server")
         request.apex = zone.apex
 
-        # NOTE: answers are computed per query. A wire-format cache would sit here, keyed
-        # by (lower-case name, type, size limit), holding a few pre-rotated answers per name
-        # and dropped from a registry.subscribe listener on every change.
         relative = labels[: len(labels) - len(zone.labels)]
+        if not zone.reverse:
+            # PTR answers depend on every service, so reverse zones are not cached.
+            below_apex = relative and relative != (b"ns",)
+            request.cache_bucket = relative[-1].decode("utf-8", "replace") if below_apex else APEX_BUCKET
         node = self._find_reverse_node(relative, zone) if zone.reverse else self._find_node(relative)
         answer = _Answer()
-        self._add_records(answer, node, question.qname, question.qtype)
+        # Owners are packed in lower case: they compress to the question, which goes
+        # back as asked, so they read as the client spelled them.
+        assert request.lower_name is not None
+        self._add_records(answer, node, request.lower_name, question.qtype)
         if not answer.records:
             raise _NoData(f"{question.qname} has no {QTYPE.get(question.qtype)} record")
         return answer
@@ -491,17 +649,19 @@ class Responder:
                         self._add(answer, self._address_record(owner, ip))
         elif kind is _NodeKind.SERVICE:
             if qtype in (QTYPE.A, QTYPE.AAAA):
-                addresses = self._rotated(node.relative, qtype, _unique_addresses(node.instances, qtype))
+                addresses = self._rotated(
+                    answer, node.relative, qtype, _unique_addresses(node.instances, qtype), self._settings.answer_limit
+                )
                 if self._settings.answer_limit:
                     # Rotation first, so every address still takes its turn at the front.
                     addresses = addresses[: self._settings.answer_limit]
                 for ip in addresses:
                     self._add(answer, self._address_record(owner, ip))
             elif qtype == QTYPE.SRV:
-                self._add_srv_records(answer, owner, node.code, self._rotated(node.relative, qtype, node.instances))
+                self._add_srv_records(answer, owner, node.code, self._rotated(answer, node.relative, qtype, node.instances))
         elif kind is _NodeKind.SRV_NAME:
             if qtype == QTYPE.SRV:
-                self._add_srv_records(answer, owner, node.code, self._rotated(node.relative, qtype, node.instances))
+                self._add_srv_records(answer, owner, node.code, self._rotated(answer, node.relative, qtype, node.instances))
         elif kind is _NodeKind.INSTANCE:
             instance = node.instances[0]
             if instance.address.kind is AddressKind.HOSTNAME:
@@ -533,21 +693,37 @@ class Responder:
             rdata = SRV(priority=SRV_PRIORITY, weight=instance.weight, port=address.port, target=target)
             self._add(answer, RR(owner, QTYPE.SRV, ttl=self._settings.ttl, rdata=rdata), glue)
 
-    def _rotated(self, relative: tuple[bytes, ...], qtype: int, items: tuple[_T, ...]) -> tuple[_T, ...]:
-        """Return ``items`` starting one further along at every query for this name and type.
+    def _rotated(
+        self, answer: _Answer, relative: tuple[bytes, ...], qtype: int, items: tuple[_T, ...], shown: int = 0
+    ) -> tuple[_T, ...]:
+        """Return ``items`` starting at the next starting point at every query for this name and type.
 
-        Clients mostly take the first record, so rotating spreads the load.
+        Clients mostly take the first record, so rotating spreads the load. Up to
+        ``_MAX_ROTATIONS`` records, every record starts an answer in turn. With more,
+        that many starting points are spread evenly over them, each a cached response,
+        unless answers cut to ``shown`` records would then leave some out: then there
+        are enough starting points to show every record. The rotation is noted in
+        ``answer`` so the cache can store the response under it.
         """
-        if len(items) < 2:
+        size = len(items)
+        if size < 2:
             return items
+        period = min(size, max(_MAX_ROTATIONS, -(-size // shown) if shown else 0))
         key = (relative, qtype)
         count = self._rotation.get(key, 0)
+        self._advance_rotation(key, count)
+        if answer.rotation is not None:
+            # Two rotations in one answer do not fit one rotation position.
+            answer.cacheable = False
+        answer.rotation = _Rotation(key, period, count)
+        start = (count % period) * size // period
+        return items[start:] + items[:start]
+
+    def _advance_rotation(self, key: tuple[tuple[bytes, ...], int], count: int) -> None:
         if len(self._rotation) >= _MAX_ROTATION_KEYS and key not in self._rotation:
             # Bounds the table when many services come and go. Rotation restarts at 0.
             self._rotation.clear()
         self._rotation[key] = count + 1
-        start = count % len(items)
-        return items[start:] + items[:start]
 
     @staticmethod
     def _add(answer: _Answer, record: RR, additional: list[RR] | None = None) -> None:
@@ -644,9 +820,12 @@ class Responder:
             cd=request.cd,
             rcode=answer.rcode & 0xF,
         )
+        question = request.question
+        if question is not None and request.lower_name is not None:
+            question = DNSQuestion(request.lower_name, question.qtype, question.qclass)
         message = DNSRecord(
             header,
-            questions=[request.question] if request.question is not None else [],
+            questions=[question] if question is not None else [],
             rr=list(records),
             auth=list(answer.authority),
             ar=list(additional),
@@ -709,6 +888,17 @@ def _forwarded_answer(reply: DNSRecord) -> _Answer:
         additional=[additional],
         authority=list(reply.auth),
     )
+
+
+def _name_text(name_wire: bytes) -> str:
+    """Return an uncompressed name in wire format as text, for log lines."""
+    labels = []
+    position = 0
+    while name_wire[position]:
+        length = name_wire[position]
+        labels.append(name_wire[position + 1 : position + 1 + length].decode("ascii", "backslashreplace"))
+        position += length + 1
+    return ".".join(labels) + "."
 
 
 def _validate_name(name: DNSLabel) -> None:

@@ -24,6 +24,9 @@ MAX_RATE_LIMIT = 1_000_000  # responses per second and source
 _RATE_LIMIT_LOG_INTERVAL = 10.0  # seconds between two log lines about dropped responses
 
 
+# TODO: one process answers DNS on one core. Worker processes sharing each port with
+# SO_REUSEPORT, each fed the catalog and its changes over a pipe, would use the other
+# cores; until they exist, bench/BENCHMARKS.md has the single-process figures.
 class DnsServer:
     """UDP and TCP listeners on each (host, port) that pass every query to ``responder``.
 
@@ -76,6 +79,10 @@ class DnsServer:
         self._rate_limit_log = LogThrottle(_RATE_LIMIT_LOG_INTERVAL)
         self._rejected_connections = 0
         self.bound_addresses: list[tuple[str, int]] = []
+
+    def set_rate_limit(self, rate_limit: int) -> None:
+        """Limit UDP responses to ``rate_limit`` per second and source from now on; 0 turns the limit off."""
+        self._rate_limiter = ResponseRateLimiter(rate_limit) if rate_limit else None
 
     async def start(self) -> None:
         """Bind UDP and TCP on every listen address, or close what was bound and raise OSError.
@@ -267,13 +274,17 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         source = addr[0]
         if not self._server._udp_allowed(source):
             return
-        peer = _format_peer(addr)
         try:
-            reply = self._responder.respond(data, "udp", peer, source)
+            # A cached response needs no peer name, which only log lines use, and
+            # respond() writes the DEBUG line per query.
+            reply = None if dns_log.isEnabledFor(logging.DEBUG) else self._responder.respond_cached(data, "udp", source)
+            if reply is None:
+                peer = _format_peer(addr)
+                reply = self._responder.respond(data, "udp", peer, source)
         except Exception:
             # respond() handles bad input itself, so this is a bug. One datagram must
             # not stop the listener.
-            dns_log.exception("Failed to respond to a UDP message from %s", peer)
+            dns_log.exception("Failed to respond to a UDP message from %s", _format_peer(addr))
             return
         if reply is None or self._transport is None:
             return

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -17,11 +18,14 @@ from logpose.api import build_app
 from logpose.auth import Authenticator, load_signing_key
 from logpose.config import Settings
 from logpose.errors import ConfigError, StoreUnavailableError
-from logpose.health import HealthDefaults, MassFailureGuard
+from logpose.health import MassFailureGuard
 from logpose.log import access_log, server_log
+from logpose.metrics import Metrics
 from logpose.nameserver import DnsServer, Responder, ZoneSettings
 from logpose.prober import Prober
 from logpose.registry import Registry
+from logpose.server.drain import RequestDrain
+from logpose.server.reload import Reloader, ReloadTargets, health_defaults_for
 from logpose.server.systemd import SystemdNotifier
 from logpose.server.tls import server_ssl_context
 from logpose.store import SqlStore, database_url_for
@@ -32,6 +36,8 @@ EXIT_CONFIG = 2
 EXIT_STORE = 3
 EXIT_BIND = 4
 SHUTDOWN_GRACE = 10.0  # seconds for in-flight HTTP requests to finish
+# Seconds for responses to go out once connections close; requests still running then are cancelled.
+HTTP_CLOSE_TIMEOUT = 2.0
 
 
 class StartupError(Exception):
@@ -41,12 +47,19 @@ class StartupError(Exception):
         self.exit_code = exit_code
 
 
-async def serve(settings: Settings) -> None:
-    """Run the server until SIGTERM or SIGINT; raise StartupError if it cannot start."""
+async def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> None:
+    """Run the server until SIGTERM or SIGINT; raise StartupError if it cannot start.
+
+    On SIGHUP, ``reload_settings`` reads the settings again (see
+    ``logpose.server.reload``); without it a reload keeps ``settings``.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
+    # A SIGHUP that arrives during start-up is applied once the server is ready.
+    reload_requested = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
     notifier = SystemdNotifier.from_environment()
 
     # Fail on a taken port before the data directory, keys or admin secret are
@@ -78,16 +91,11 @@ async def serve(settings: Settings) -> None:
     duties: ProberDuties | None = None
     dns_server: DnsServer | None = None
     runner: web.AppRunner | None = None
+    drain = RequestDrain()
     try:
         # The registry is loaded before any listener is bound, so a restarting
         # server never answers from an empty catalog.
-        defaults = HealthDefaults(
-            interval=settings.probe_interval,
-            timeout=settings.probe_timeout,
-            rise=settings.health_rise,
-            fall=settings.health_fall,
-            deregister_after=settings.deregister_after or None,
-        )
+        defaults = health_defaults_for(settings)
         guard = MassFailureGuard(
             share=settings.mass_failure_share, window=settings.probe_interval, enabled=settings.mass_failure_guard
         )
@@ -105,6 +113,9 @@ async def serve(settings: Settings) -> None:
             raise StartupError(f"cannot set up credentials in {settings.data_dir}: {exc}", EXIT_CONFIG) from exc
 
         prober = Prober(registry, concurrency=settings.probe_concurrency)
+        metrics = Metrics(registry)
+        metrics.watch_prober(prober)
+        metrics.watch_store(store)
         duties = ProberDuties(registry, prober)
         background.append(asyncio.create_task(registry.run_health_writer(), name="health-writer"))
         if store.is_sqlite:
@@ -138,7 +149,10 @@ async def serve(settings: Settings) -> None:
             recursors=settings.recursors,
             recursor_timeout=settings.recursor_timeout,
         )
-        dns_server = DnsServer(Responder(registry, zone), list(settings.dns_listen), rate_limit=settings.dns_rate_limit)
+        responder = Responder(registry, zone)
+        dns_server = DnsServer(
+            metrics.measure_responder(responder), list(settings.dns_listen), rate_limit=settings.dns_rate_limit
+        )
         try:
             await dns_server.start()
         except OSError as exc:
@@ -146,10 +160,13 @@ async def serve(settings: Settings) -> None:
             message = exc.strerror or f"cannot listen for DNS on {_format_listen(settings.dns_listen)}: {exc}"
             raise StartupError(message, EXIT_BIND) from exc
 
-        runner = web.AppRunner(build_app(registry, authenticator), access_log=access_log)
+        app = build_app(registry, authenticator, metrics)
+        app.middlewares.append(drain.middleware)
+        # The access logger stays attached even when access_log is off, so SIGHUP can turn it on.
+        runner = web.AppRunner(app, access_log=access_log, shutdown_timeout=HTTP_CLOSE_TIMEOUT)
         await runner.setup()
         host, port = settings.http_listen
-        site = web.TCPSite(runner, host, port, shutdown_timeout=SHUTDOWN_GRACE, ssl_context=ssl_context)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -165,6 +182,13 @@ async def serve(settings: Settings) -> None:
         # units ordered after LogPose find it answering.
         notifier.ready(f"Serving zone {settings.domain}")
         background.append(asyncio.create_task(notifier.run_watchdog(), name="systemd-watchdog"))
+        reloader = Reloader(
+            settings,
+            reload_settings or (lambda: settings),
+            ReloadTargets(registry, prober, responder, dns_server, zone),
+            notifier,
+        )
+        background.append(asyncio.create_task(reloader.run(reload_requested), name="reload"))
 
         await stop.wait()
         server_log.info("Shutting down")
@@ -173,6 +197,12 @@ async def serve(settings: Settings) -> None:
         # Stop accepting first, then let in-flight requests finish, then stop
         # background work, and close the store last so pending health is written.
         if runner is not None:
+            for http_site in list(runner.sites):
+                await http_site.stop()
+            if not await drain.wait_idle(SHUTDOWN_GRACE):
+                server_log.warning(
+                    "%d HTTP request(s) still in flight after %g s; cancelling them", drain.in_flight, SHUTDOWN_GRACE
+                )
             await runner.cleanup()
         if dns_server is not None:
             await dns_server.close()

@@ -1,16 +1,21 @@
-"""``logpose-server``: parse the command line, load settings, run until a signal."""
+"""``logpose-server``: parse the command line, load settings, run until a signal.
+
+A first argument that names a subcommand (``check-config``, ``migrate``,
+``snapshot``) runs that command instead; see ``logpose.server.commands``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
 from logpose import __version__
-from logpose.config import load_settings
+from logpose.config import Settings, load_settings
 from logpose.errors import ConfigError
+from logpose.logsetup import configure_logging
+from logpose.server import commands
 from logpose.server.lifecycle import EXIT_CONFIG, StartupError, serve
 
 
@@ -18,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="logpose-server",
         description="Run the LogPose service discovery server (HTTP API and DNS).",
-        epilog="Each option is also an environment variable LOGPOSE_<OPTION> and a key in the TOML file.",
+        epilog="Each option is also an environment variable LOGPOSE_<OPTION> and a key in the TOML file. "
+        "Other commands: logpose-server check-config FILE, logpose-server migrate, "
+        "logpose-server snapshot save|restore FILE (each with --help).",
     )
     parser.add_argument("--version", action="version", version=f"logpose {__version__}")
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
@@ -80,21 +87,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEM CA certificates; a client certificate they signed may replace the secret in token requests",
     )
     parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument(
+        "--log-levels", metavar="LOGGER=LEVEL", action="append",
+        help="levels of single loggers over --log-level, comma-separated or repeated, "
+        "like logpose.access=WARNING,logpose.dns=DEBUG (default none)",
+    )
+    parser.add_argument(
+        "--log-format", metavar="FORMAT", help="text, or json for one JSON object per line (default text)"
+    )
+    parser.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction, default=None,
+        help="log one line per HTTP request to logpose.access (default on)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in commands.SUBCOMMANDS:
+        # Only warnings and errors: a command's result is its own output.
+        configure_logging(Settings(log_level="WARNING"))
+        sys.exit(commands.run(argv))
+
     arguments = vars(build_parser().parse_args(argv))
     config_file = arguments.pop("config")
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     try:
         settings = load_settings(arguments, config_file=config_file)
     except ConfigError as exc:
         print(f"logpose-server: invalid configuration: {exc.detail}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
-    logging.getLogger().setLevel(settings.log_level)
+    configure_logging(settings)
 
     try:
         import uvloop
@@ -103,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         runner = uvloop.run
     try:
-        runner(serve(settings))
+        runner(serve(settings, lambda: load_settings(arguments, config_file=config_file)))
     except StartupError as exc:
         print(f"logpose-server: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)
