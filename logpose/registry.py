@@ -369,6 +369,13 @@ class Registry:
         instance = replace(
             instance, modify_index=index, created_index=existing.created_index if existing else index
         )
+        current = self._instances.get(instance.id)
+        if existing is not None and current is not None and instance.health is existing.health:
+            # Health is soft state: a probe result that arrived during the commit is newer.
+            instance = replace(
+                instance, health=current.health, output=current.output, last_report_at=current.last_report_at,
+                maintenance_reason=current.maintenance_reason, maintenance_since=current.maintenance_since,
+            )
 
         if write.upsert_services:
             service = replace(service, created_index=index, modify_index=index)
@@ -417,7 +424,14 @@ class Registry:
             updated_at=now,
         )
         index = await self._commit(CatalogWrite(upsert_instances=[updated]))
-        updated = replace(updated, modify_index=index)
+        current = self._instances.get(instance_id)
+        if current is None:
+            return updated  # deregistered while this write committed
+        # Start from the current instance: health may have changed during the commit.
+        updated = replace(
+            current, maintenance_reason=updated.maintenance_reason, maintenance_since=updated.maintenance_since,
+            modify_index=index, updated_at=now,
+        )
         self._put_instance(updated)
         self._apply(Change(index, ChangeKind.MAINTENANCE, updated.service, updated.id))
         if reason is None:

@@ -128,9 +128,9 @@ def run_schemathesis(command: str, schema_file: Path, url: str, headers: dict[st
             "--phases", "examples,coverage,fuzzing",
             "--max-examples", str(MAX_EXAMPLES),
             "--seed", "1",
-            # NOTE: one worker, because concurrent writes on SQLite can fail with 503
-            # "database is locked" (deferred BEGIN in the store); two workers find it.
-            "--workers", "1",
+            # Two workers send concurrent writes, which once found SQLite's
+            # "database is locked" under a deferred BEGIN.
+            "--workers", "2",
             "--request-timeout", "10",
             "--no-color",
             *options,

@@ -643,7 +643,10 @@ def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _begin_sqlite_transaction(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN")
+    # IMMEDIATE takes the write lock at once: a deferred BEGIN that reads, then
+    # writes, fails at once with "database is locked" when another connection
+    # committed in between, and busy_timeout does not help there.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _upgrade_schema(connection: Any) -> None:
