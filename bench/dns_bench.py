@@ -54,13 +54,12 @@ from pathlib import Path
 
 import httpx
 
+from benchlib import BenchmarkError, free_port, stop_process
 from probe_scale import (
     SERVER_DEFAULT_INTERVAL,
-    BenchmarkError,
     DnsRun,
     Server,
     describe_machine,
-    free_port,
     log,
     parse_dnsperf,
     percentile,
@@ -293,13 +292,7 @@ class Nsd:
             self.process = subprocess.Popen(["nsd", "-d", "-c", str(config)], stdout=output, stderr=output)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, STOP_TIMEOUT)
 
     def log_tail(self) -> str:
         texts = [path.read_text(errors="replace") for path in (self.log_path, self.folder / "nsd.log") if path.exists()]
