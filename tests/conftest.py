@@ -206,3 +206,23 @@ def wait_until(condition, timeout: float, interval: float = 0.05):
         time.sleep(interval)
         value = condition()
     return value
+
+
+def run_bench_smoke(script: Path, timeout: float, cwd: Path) -> str:
+    """Run a benchmark script with ``--smoke``; return its output once it exits 0."""
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--smoke"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets the script stop the servers and listeners it started.
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+        pytest.fail(f"the smoke run of {script.name} did not finish within {timeout:g} s:\n{stderr}")
+    assert process.returncode == 0, stderr
+    return stdout

@@ -6,12 +6,11 @@ No timing is asserted: the machine running the tests is shared and noisy.
 from __future__ import annotations
 
 import importlib
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_bench_smoke
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "probe_scale.py"
 SMOKE_TIMEOUT = 90.0  # seconds; the smoke run takes about 25 s on a loaded 2-core machine
@@ -42,22 +41,7 @@ def probe_scale(monkeypatch):
 
 
 def test_smoke_run_prints_table(tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--smoke"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=SMOKE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        # SIGTERM lets the script stop the servers and listeners it started.
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=30)
-        pytest.fail(f"the smoke run did not finish within {SMOKE_TIMEOUT:g} s:\n{stderr}")
-
-    assert process.returncode == 0, stderr
+    stdout = run_bench_smoke(SCRIPT, SMOKE_TIMEOUT, tmp_path)
     assert "instances (listening / closed)  " in stdout
     assert "200 (100 / 100)" in stdout
     assert "all classified, after last registration" in stdout

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_bench_smoke
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "dns_bench.py"
 SMOKE_TIMEOUT = 180.0  # seconds; the smoke run takes about 30 s on a loaded 2-core machine
@@ -31,22 +30,7 @@ def require_programs() -> None:
 
 def test_smoke_run_prints_table(tmp_path):
     require_programs()
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--smoke"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=SMOKE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        # SIGTERM lets the script stop the servers it started.
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=30)
-        pytest.fail(f"the smoke run did not finish within {SMOKE_TIMEOUT:g} s:\n{stderr}")
-
-    assert process.returncode == 0, stderr
+    stdout = run_bench_smoke(SCRIPT, SMOKE_TIMEOUT, tmp_path)
     assert "queries/s, LogPose" in stdout
     assert "queries/s, NSD" in stdout
     assert "queries/s, dnslib" in stdout
