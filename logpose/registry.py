@@ -297,9 +297,10 @@ class Registry:
             )
         doomed = [self._instances[instance_id] for instance_id in instance_ids]
         index = await self._commit(CatalogWrite(delete_services=[code], delete_instances=doomed))
-        for instance_id in instance_ids:
+        # Another write may have changed the service while this one committed.
+        for instance_id in list(self._by_service.get(code, {})):
             self._drop_instance(instance_id)
-        del self._services[code]
+        self._services.pop(code, None)
         self._by_service.pop(code, None)
         self._apply(Change(index, ChangeKind.SERVICE_DELETE, code))
         registry_log.info("Deleted service %s with %d instance(s)", code, len(instance_ids))
@@ -756,7 +757,9 @@ class Registry:
         self._by_key[instance.registration_key] = instance.id
 
     def _drop_instance(self, instance_id: str) -> None:
-        instance = self._instances.pop(instance_id)
+        instance = self._instances.pop(instance_id, None)
+        if instance is None:
+            return  # already dropped by a concurrent write
         self._healthy_probed -= _counts_as_healthy_probed(instance)
         self._by_service.get(instance.service, {}).pop(instance_id, None)
         self._by_key.pop(instance.registration_key, None)

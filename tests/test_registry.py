@@ -164,3 +164,38 @@ def test_reregistration_keeps_fields_not_sent():
         assert again.weight == 7
 
     asyncio.run(scenario())
+
+
+def test_concurrent_deletes_of_one_instance_and_service(tmp_path):
+    async def scenario():
+        registry, store = await open_registry(tmp_path)
+        instance, _ = await registry.register("web", spec(check={"type": "none"}))
+        results = await asyncio.gather(
+            registry.deregister(instance.id), registry.deregister(instance.id), return_exceptions=True
+        )
+        assert all(not isinstance(result, Exception) or isinstance(result, NotFoundError) for result in results)
+        assert registry.get_instance(instance.id) is None
+        await registry.create_service("api")
+        results = await asyncio.gather(
+            registry.delete_service("api"), registry.delete_service("api"), return_exceptions=True
+        )
+        assert all(not isinstance(result, Exception) or isinstance(result, NotFoundError) for result in results)
+        assert registry.get_service("api") is None
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_same_key_registrations_end_as_one(tmp_path):
+    async def scenario():
+        registry, store = await open_registry(tmp_path)
+        results = await asyncio.gather(*(registry.register("web", spec(check={"type": "none"})) for _ in range(8)))
+        assert len({instance.id for instance, _created in results}) == 1
+        assert sum(created for _instance, created in results) == 1
+        assert len(registry.instances_of("web")) == 1
+        await store.close()
+        reloaded, store = await open_registry(tmp_path)
+        assert len(reloaded.instances_of("web")) == 1
+        await store.close()
+
+    asyncio.run(scenario())
