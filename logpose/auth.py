@@ -147,6 +147,8 @@ def parse_client_services(value: Any, role: str, field_name: str = "services") -
         raise ValidationError(field_name, f"must have at most {MAX_CLIENT_SERVICES} entries, got {len(value)}")
     codes = [item if item == ALL_SERVICES else parse_service_code(item, f"{field_name}[{position}]")
              for position, item in enumerate(value)]
+    if ALL_SERVICES in codes and len(set(codes)) > 1:
+        raise ValidationError(field_name, "'*' already covers every service; send ['*'] alone or only service codes")
     return tuple(dict.fromkeys(codes))
 
 

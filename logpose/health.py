@@ -160,7 +160,11 @@ class HealthTracker:
     def track(self, instance: Instance, now: float, *, fresh: bool) -> None:
         """Start tracking ``instance``; ``fresh`` resets counters (new or changed check)."""
         if fresh:
+            # New counters and deadlines, but the history of transitions stays.
+            history = self._states[instance.id].history if instance.id in self._states else None
             self.forget(instance.id)
+            if history is not None:
+                self.state(instance.id).history.extend(history)
         state = self.state(instance.id)
         # Deadlines start now, so a restart or a new check never expires at once.
         state.last_checked_at = state.last_checked_at or now
@@ -171,6 +175,13 @@ class HealthTracker:
             self._probed.add(instance.id)
         else:
             self._probed.discard(instance.id)
+
+    def count_missed(self, instance_id: str, now: float) -> None:
+        """Count a missed deadline (TTL expiry, stale check) as one failed result."""
+        state = self.state(instance_id)
+        state.failures += 1
+        state.successes = 0
+        state.last_failure_at = now
 
     def restart_deadlines(self, now: float) -> None:
         """Count check silence from ``now``, for a node that has just taken over probing."""

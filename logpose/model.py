@@ -254,7 +254,9 @@ def parse_address(value: Any, field_name: str = "address") -> Address:
             raise ValidationError(field_name, f"{host!r} in {value!r} is not an IPv6 address") from None
         if "%" in host:
             raise ValidationError(field_name, f"{value!r}: a scoped IPv6 address cannot be published in DNS")
-        return Address(host, _parse_port(port_text, value, field_name), AddressKind.IPV6)
+        # Kept compressed, so every spelling of one address shows and compares the same.
+        compressed = str(ipaddress.IPv6Address(host))
+        return Address(compressed, _parse_port(port_text, value, field_name), AddressKind.IPV6)
 
     host, sep, port_text = value.rpartition(":")
     if not sep or not host:

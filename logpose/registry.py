@@ -339,7 +339,8 @@ class Registry:
         if existing is not None:
             # Fields the request left out keep their registered values.
             check = spec.check if "check" in spec.sent else existing.check
-            keep_health = existing.check == check and str(existing.address) == str(spec.address)
+            # The registration key already matched the address, so only a new check resets health.
+            keep_health = existing.check == check
             instance = replace(
                 existing,
                 address=spec.address,
@@ -386,6 +387,13 @@ class Registry:
         self._put_instance(instance)
         fresh = existing is None or existing.health is not instance.health or existing.check != instance.check
         self._health.track(instance, now, fresh=fresh)
+        if existing is not None and existing.health is not instance.health:
+            output = "check changed by a new registration"
+            self._health.record_transition(instance.id, HealthTransition(now, existing.health, instance.health, output))
+            registry_log.info(
+                "Instance %s of %s at %s is %s (was %s): %s",
+                instance.id, code, instance.address, instance.health.value, existing.health.value, output,
+            )
         self._apply(Change(index, ChangeKind.INSTANCE_UPSERT, code, instance.id))
         registry_log.info(
             "%s instance %s of %s at %s (%s)",
@@ -635,6 +643,7 @@ class Registry:
         for instance in list(self._instances.values()):
             reason = self._health.overdue(instance, now)
             if reason is not None:
+                self._health.count_missed(instance.id, now)
                 target = Health.UNHEALTHY if instance.check.type is CheckType.TTL else Health.UNKNOWN
                 instance = self._set_health(instance, target, reason, now)
             if self._health.expired(instance, now):
@@ -713,6 +722,11 @@ class Registry:
             raise
         self._own_indexes.add(index)
         self._index = max(self._index, index)
+        for update in pending:
+            current = self._instances.get(update.instance_id)
+            if current is not None and current.health is update.health:
+                # The stored row now carries this index; memory shows the same.
+                self._put_instance(replace(current, modify_index=max(current.modify_index, index)))
 
     async def run_health_writer(self, retry_delay: float = 1.0) -> None:
         """Flush health changes as they come until cancelled; retry while the store is down."""

@@ -134,3 +134,13 @@ def test_drain_undrain_and_history(cli, server):
 
     history = cli("instance", "history", instance["id"])
     assert "Healthy" in history.stdout
+
+
+def test_drained_instance_marked_in_tables(cli, server):
+    added = cli("--output", "json", "instance", "add", "--service", "web", "--address", "10.0.0.5:80",
+                "--protocol", "Http", "--check", "none")
+    instance = json.loads(added.stdout)
+    cli("instance", "drain", instance["id"], "--reason", "kernel patch")
+    assert "Unknown (drained)" in cli("instance", "list").stdout
+    shown = cli("instance", "show", instance["id"]).stdout
+    assert "kernel patch" in shown

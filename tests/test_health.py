@@ -260,3 +260,41 @@ def test_mass_failure_guard_can_be_turned_off():
         registry.record_check_result(instance.id, False, "timed out")
     assert not guard.active
     assert registry.discoverable("svc0") == []
+
+
+def test_ipv6_respelled_keeps_health():
+    registry = make_registry(FakeClock())
+    first = register(registry, "v6", "[0:0:0:0:0:0:0:1]:80", {"type": "none"})
+    registry.report_health(first.id, Health.HEALTHY, "up")
+    again = register(registry, "v6", "[::1]:80", {"type": "none"})
+    assert again.id == first.id
+    assert again.health is Health.HEALTHY
+    assert str(again.address) == "[::1]:80"
+
+
+def test_ttl_expiry_counts_as_failure():
+    clock = FakeClock()
+    registry = make_registry(clock, rise=2)
+    instance = register(registry, "web", "127.0.0.1:1", {"type": "ttl", "ttl": 5})
+    registry.report_health(instance.id, Health.HEALTHY, "up")
+    registry.report_health(instance.id, Health.HEALTHY, "up")
+    clock.advance(5)
+    registry.sweep()
+    state = registry.health_state(instance.id)
+    assert state.failures == 1
+    assert state.successes == 0
+    assert state.last_failure_at == clock.now
+    registry.report_health(instance.id, Health.HEALTHY, "up")
+    assert health(registry, instance) is Health.UNHEALTHY, "rise=2 needs two reports after the expiry"
+
+
+def test_check_change_by_registration_is_in_history():
+    registry = make_registry(FakeClock())
+    instance = register(registry, "web", "127.0.0.1:1")
+    registry.record_check_result(instance.id, True, "ok")
+    register(registry, "web", "127.0.0.1:1", {"type": "none"})
+    history = registry.history(instance.id)
+    assert [(entry.previous, entry.health) for entry in history] == [
+        (Health.UNKNOWN, Health.HEALTHY), (Health.HEALTHY, Health.UNKNOWN),
+    ]
+    assert history[-1].output == "check changed by a new registration"

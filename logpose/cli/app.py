@@ -806,7 +806,7 @@ def _print_instances(instances: list[dict[str, Any]]) -> None:
             i.get("service"),
             i.get("address"),
             i.get("protocol"),
-            i.get("health"),
+            _format_health(i),
             i.get("weight"),
             _format_check(i.get("check")),
             _format_tags(i.get("tags")),
@@ -825,6 +825,7 @@ def _print_instance(instance: dict[str, Any]) -> None:
             ("Address", instance.get("address")),
             ("Protocol", instance.get("protocol")),
             ("Health", instance.get("health")),
+            ("Maintenance", _format_maintenance(instance.get("maintenance"))),
             ("Output", instance.get("output")),
             ("Check", _format_check(instance.get("check"))),
             ("Weight", instance.get("weight")),
@@ -835,6 +836,19 @@ def _print_instance(instance: dict[str, Any]) -> None:
             ("Modify index", instance.get("modify_index")),
         ]
     )
+
+
+def _format_health(instance: dict[str, Any]) -> str:
+    """Return the health, marked when the instance is drained and so out of discovery."""
+    maintenance = instance.get("maintenance")
+    drained = isinstance(maintenance, dict) and maintenance.get("enabled")
+    return f"{instance.get('health')} (drained)" if drained else str(instance.get("health"))
+
+
+def _format_maintenance(maintenance: Any) -> str:
+    if not isinstance(maintenance, dict) or not maintenance.get("enabled"):
+        return "off"
+    return f"on since {maintenance.get('since')}: {maintenance.get('reason')}"
 
 
 def _format_check(check: Any) -> str:
