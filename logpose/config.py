@@ -259,6 +259,8 @@ def load_settings(
     flags: Mapping[str, Any],
     environ: Mapping[str, str] | None = None,
     config_file: Path | None = None,
+    *,
+    serving: bool = True,
 ) -> Settings:
     """Merge flags, environment and TOML file over the defaults, then validate.
 
@@ -291,7 +293,8 @@ def load_settings(
         raise ConfigError(f"{missing} is missing: HTTPS needs both tls_cert and tls_key")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
         raise ConfigError("tls_client_ca needs tls_cert and tls_key: client certificates are checked only over HTTPS")
-    if settings.database_url and settings.database_url.startswith("postgres") and settings.jwt_key is None:
+    # Only a serving node signs tokens: migrate and snapshot need no key.
+    if serving and settings.database_url and settings.database_url.startswith("postgres") and settings.jwt_key is None:
         raise ConfigError(
             "jwt_key is required with a PostgreSQL database_url: every node sharing the database must sign and "
             "verify tokens with the same key; generate one with: openssl rand -hex 32"

@@ -177,3 +177,18 @@ def test_mixed_case_question_echoed(server, api, tcp_listener, transport):
     answer = query(server, "CaSeY.LogPose.Internal", "A", tcp=transport == "tcp")
     assert answer.rcode() == dns.rcode.NOERROR
     assert answer.question[0].name.to_text() == "CaSeY.LogPose.Internal."
+
+
+def test_data_files_private_and_node_id_kept(server_factory):
+    import os
+    import stat
+
+    server = server_factory()
+    with server.client() as api:
+        first_id = api.get("/api/status").json()["node"]["id"]
+    assert stat.S_IMODE(os.stat(server.data_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(server.data_dir / "logpose.db").st_mode) == 0o600
+    server.stop()
+    server.start()
+    with server.client() as api:
+        assert api.get("/api/status").json()["node"]["id"] == first_id

@@ -181,7 +181,7 @@ async def restore_snapshot(settings: Settings, file: Path) -> None:
 def _database_settings(arguments: argparse.Namespace) -> Settings:
     flags: dict[str, Any] = {"data_dir": arguments.data_dir, "database_url": arguments.database_url}
     try:
-        return load_settings(flags, config_file=arguments.config)
+        return load_settings(flags, config_file=arguments.config, serving=False)
     except ConfigError as exc:
         raise CommandError(f"invalid configuration: {exc.detail}", EXIT_CONFIG) from exc
 

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import uuid
+from pathlib import Path
 from collections.abc import Callable
 
 from aiohttp import web
@@ -100,7 +101,7 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings] | No
             share=settings.mass_failure_share, window=settings.probe_interval, enabled=settings.mass_failure_guard
         )
         registry = Registry(store, defaults=defaults, guard=guard)
-        registry.node.node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        registry.node.node_id = _node_id(settings.data_dir)
         try:
             signing_key = load_signing_key(settings.data_dir, settings.jwt_key)
             authenticator = Authenticator(store, signing_key, settings.token_lifetime)
@@ -217,6 +218,20 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings] | No
             await registry.flush_health()
         await store.close()
         server_log.info("LogPose stopped")
+
+
+NODE_ID_FILE_NAME = "node.id"
+
+
+def _node_id(data_dir: Path) -> str:
+    """Return this node's id, made once and kept in the data directory so restarts keep it."""
+    path = data_dir / NODE_ID_FILE_NAME
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        path.write_text(node_id + "\n")
+        return node_id
 
 
 def _spawn(tasks: set[asyncio.Task[None]], coroutine) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"logpose-server: invalid configuration: {exc.detail}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     configure_logging(settings)
+    # The data directory holds the database, with every client's secret hash,
+    # and the token key: files the server makes are for its own user only.
+    os.umask(0o077)
 
     try:
         import uvloop

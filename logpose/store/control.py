@@ -49,6 +49,7 @@ class ControlChannel:
         self._period = period
         self.leader = False
         self.connected = False
+        self._stopping = False
 
     async def run(self) -> None:
         failures = 0
@@ -69,6 +70,9 @@ class ControlChannel:
                 await self._serve(connection)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
                 store_log.warning("Control connection to %s lost: %s", self._safe_url, exc or type(exc).__name__)
+            except asyncio.CancelledError:
+                self._stopping = True  # a planned shutdown, not a fault
+                raise
             finally:
                 self.connected = False
                 self._set_leader(False)
@@ -96,6 +100,8 @@ class ControlChannel:
         self.leader = leader
         if leader:
             store_log.info("Node %s took the prober lock: it probes every instance now", self._node_id)
+        elif self._stopping:
+            store_log.info("Node %s released the prober lock on shutdown", self._node_id)
         else:
-            store_log.warning("Node %s gave up the prober lock", self._node_id)
+            store_log.warning("Node %s lost the prober lock with its control connection", self._node_id)
         self._on_leadership(leader)
