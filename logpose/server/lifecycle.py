@@ -16,6 +16,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from logpose.api import build_app
+from logpose.api.access import AccessLogger
 from logpose.auth import Authenticator, load_signing_key
 from logpose.config import Settings
 from logpose.errors import ConfigError, StoreUnavailableError
@@ -164,7 +165,9 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings] | No
         app = build_app(registry, authenticator, metrics)
         app.middlewares.append(drain.middleware)
         # The access logger stays attached even when access_log is off, so SIGHUP can turn it on.
-        runner = web.AppRunner(app, access_log=access_log, shutdown_timeout=HTTP_CLOSE_TIMEOUT)
+        runner = web.AppRunner(
+            app, access_log=access_log, access_log_class=AccessLogger, shutdown_timeout=HTTP_CLOSE_TIMEOUT
+        )
         await runner.setup()
         host, port = settings.http_listen
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
