@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -49,6 +49,7 @@ RCODE_NAMES = {
 }
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"  # route label of a request that matched no route (404, 405)
+MAX_CACHED_LABEL_SETS = 1000  # HTTP label sets whose metric children are kept
 
 _DNS_HEADER_SIZE = 12
 _OPT_TYPE = b"\x00\x29"
@@ -64,6 +65,7 @@ class Metrics:
     """
 
     def __init__(self, registry: Registry) -> None:
+        self._http_children: dict[tuple[str, str | None, int], tuple[Any, Any]] = {}
         self.collectors = CollectorRegistry()
         collectors = self.collectors
         self.dns_queries = Counter(
@@ -149,10 +151,21 @@ class Metrics:
 
     def observe_http(self, method: str, route: str | None, status: int, seconds: float) -> None:
         """Count and time one HTTP request; ``route`` is the matched pattern, None when none matched."""
-        method = method if method in HTTP_METHODS else "other"
-        route = route if route is not None else UNMATCHED_ROUTE
-        self.http_requests.labels(method, route, str(status)).inc()
-        self.http_seconds.labels(method, route).observe(seconds)
+        key = (method, route, status)
+        children = self._http_children.get(key)
+        if children is None:
+            # labels() takes a lock and builds a key on every call; the label
+            # sets are few (fixed methods, route patterns, statuses), so keep them.
+            label_method = method if method in HTTP_METHODS else "other"
+            label_route = route if route is not None else UNMATCHED_ROUTE
+            children = (
+                self.http_requests.labels(label_method, label_route, str(status)),
+                self.http_seconds.labels(label_method, label_route),
+            )
+            if len(self._http_children) < MAX_CACHED_LABEL_SETS:
+                self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_registration(self, created: bool) -> None:
         self.registrations.labels("created" if created else "updated").inc()
