@@ -226,3 +226,26 @@ def run_bench_smoke(script: Path, timeout: float, cwd: Path) -> str:
         pytest.fail(f"the smoke run of {script.name} did not finish within {timeout:g} s:\n{stderr}")
     assert process.returncode == 0, stderr
     return stdout
+
+
+def run_cli(server: ServerProcess, *arguments: str, credentials: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``logpose-command`` against ``server``, as admin unless ``credentials`` is False."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("LOGPOSE_")}
+    environment["LOGPOSE_URL"] = server.url
+    if credentials:
+        environment["LOGPOSE_COMMON_NAME"] = "admin"
+        environment["LOGPOSE_SECRET_FILE"] = str(server.data_dir / "admin.secret")
+    result = subprocess.run(
+        [sys.executable, "-c", "from logpose.cli.app import main; main()", *arguments],
+        capture_output=True, text=True, env=environment, timeout=30,
+    )
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """Return the CLI's error line, checking it is the only line on stderr."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import stat
 import subprocess
-import sys
 from typing import Iterator
 
 import httpx
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, one_error_line, run_cli
 
 PROBLEM = "application/problem+json"
 
@@ -143,25 +141,11 @@ def test_last_admin_cannot_be_removed(server_factory):
 @pytest.fixture(scope="module")
 def cli(server):
     def run(*arguments: str) -> subprocess.CompletedProcess[str]:
-        environment = {key: value for key, value in os.environ.items() if not key.startswith("LOGPOSE_")}
-        environment["LOGPOSE_URL"] = server.url
-        environment["LOGPOSE_COMMON_NAME"] = "admin"
-        environment["LOGPOSE_SECRET_FILE"] = str(server.data_dir / "admin.secret")
-        result = subprocess.run(
-            [sys.executable, "-c", "from logpose.cli.app import main; main()", *arguments],
-            capture_output=True, text=True, env=environment, timeout=30,
-        )
-        assert "Traceback" not in result.stderr
-        return result
+        return run_cli(server, *arguments)
 
     return run
 
 
-def error_line(result: subprocess.CompletedProcess[str]) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def test_cli_client_lifecycle(server, cli, tmp_path):
@@ -192,7 +176,7 @@ def test_cli_client_lifecycle(server, cli, tmp_path):
     assert removed.returncode == 0
     missing = cli("client", "show", "team-a")
     assert missing.returncode == 1
-    assert "not found" in error_line(missing)
+    assert "not found" in one_error_line(missing)
 
 
 def test_cli_validates_locally(cli, tmp_path):
@@ -206,10 +190,10 @@ def test_cli_validates_locally(cli, tmp_path):
     for arguments, flag in cases:
         result = cli(*arguments)
         assert result.returncode == 2, (arguments, result.stderr)
-        assert flag in error_line(result)
+        assert flag in one_error_line(result)
 
 
 def test_cli_reports_server_refusal(cli):
     result = cli("client", "add", "admin", "--role", "reader")
     assert result.returncode == 1
-    assert "already exists" in error_line(result)
+    assert "already exists" in one_error_line(result)

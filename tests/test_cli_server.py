@@ -3,38 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import closed_port, wait_until
+from conftest import closed_port, one_error_line, run_cli, wait_until
 
 
 @pytest.fixture
 def cli(server):
     def run(*arguments: str, credentials: bool = True) -> subprocess.CompletedProcess[str]:
-        environment = {key: value for key, value in os.environ.items() if not key.startswith("LOGPOSE_")}
-        environment["LOGPOSE_URL"] = server.url
-        if credentials:
-            environment["LOGPOSE_COMMON_NAME"] = "admin"
-            environment["LOGPOSE_SECRET_FILE"] = str(server.data_dir / "admin.secret")
-        result = subprocess.run(
-            [sys.executable, "-c", "from logpose.cli.app import main; main()", *arguments],
-            capture_output=True, text=True, env=environment, timeout=30,
-        )
-        assert "Traceback" not in result.stderr
-        return result
+        return run_cli(server, *arguments, credentials=credentials)
 
     return run
-
-
-def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def test_service_lifecycle(cli):

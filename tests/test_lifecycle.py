@@ -117,7 +117,7 @@ def test_sigterm_during_burst_truncates_no_response(server):
     """
     outcomes: collections.Counter[str] = collections.Counter()
     deadline = time.monotonic() + 3.0
-    request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    request = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
 
     def send_requests() -> None:
         while time.monotonic() < deadline:

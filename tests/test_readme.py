@@ -6,12 +6,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import run_cli, wait_until
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -28,29 +27,16 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
-def cli(server, *arguments: str) -> subprocess.CompletedProcess[str]:
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("LOGPOSE_")}
-    environment.update(
-        LOGPOSE_URL=server.url,
-        LOGPOSE_COMMON_NAME="admin",
-        LOGPOSE_SECRET_FILE=str(server.data_dir / "admin.secret"),
-    )
-    return subprocess.run(
-        [sys.executable, "-c", "from logpose.cli.app import main; main()", *arguments],
-        capture_output=True, text=True, env=environment, timeout=30,
-    )
-
-
 def test_first_registration_walkthrough(server):
     """Register the server's own HTTP port as the README does, then discover it by CLI and DNS."""
-    added = cli(server, "instance", "add", "--service", "my-svc",
+    added = run_cli(server, "instance", "add", "--service", "my-svc",
                 "--address", f"127.0.0.1:{server.http_port}", "--protocol", "Http")
     assert added.returncode == 0, added.stderr
-    assert wait_until(lambda: "Healthy" in cli(server, "instance", "list").stdout, timeout=5)
-    discovered = cli(server, "--output", "json", "discover", "my-svc")
+    assert wait_until(lambda: "Healthy" in run_cli(server, "instance", "list").stdout, timeout=5)
+    discovered = run_cli(server, "--output", "json", "discover", "my-svc")
     assert discovered.returncode == 0, discovered.stderr
     assert f'"address": "127.0.0.1:{server.http_port}"' in discovered.stdout
-    token = cli(server, "token")
+    token = run_cli(server, "token")
     assert token.returncode == 0
     assert token.stdout.count(".") == 2, "a JWT has three dot-separated parts"
 
