@@ -87,7 +87,11 @@ class Address:
         """Return the host as compared for re-registration: lower case, IPv6 compressed."""
         if self.kind is AddressKind.HOSTNAME:
             return self.host.lower().rstrip(".")
-        return str(ipaddress.ip_address(self.host))
+        if self.kind is AddressKind.IPV4:
+            # parse_address accepted it as an IPv4Address, which rejects leading
+            # zeros, so the text is already canonical; this runs per look-up.
+            return self.host
+        return str(ipaddress.IPv6Address(self.host))
 
     def __str__(self) -> str:
         if self.kind is AddressKind.IPV6:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from pathlib import Path
@@ -707,9 +708,9 @@ def _instance_from_row(row: Any) -> Instance:
         address=Address(row["host"], row["port"], AddressKind(row["address_kind"])),
         protocol=Protocol(row["protocol"]),
         health=Health(row["health"]),
-        check=Check(CheckType(row["check_type"]), row["check_ttl"], **json.loads(row["check_settings"])),
-        tags=tuple(json.loads(row["tags"])),
-        metadata=json.loads(row["metadata"]),
+        check=Check(CheckType(row["check_type"]), row["check_ttl"], **_check_settings_from(row["check_settings"])),
+        tags=tuple(json.loads(row["tags"])) if row["tags"] != "[]" else (),
+        metadata=json.loads(row["metadata"]) if row["metadata"] != "{}" else {},
         weight=row["weight"],
         output=row["output"],
         created_index=row["created_index"],
@@ -720,6 +721,15 @@ def _instance_from_row(row: Any) -> Instance:
         maintenance_since=row["maintenance_since"],
         last_report_at=row["last_report_at"],
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_settings_from(text: str) -> dict[str, Any]:
+    """Parse a stored check-settings object; most instances share a few, so loading 100,000 parses each once.
+
+    Callers must not mutate the returned dict: it is shared.
+    """
+    return json.loads(text)
 
 
 def _check_settings(check: Check) -> dict[str, Any]:
