@@ -88,9 +88,6 @@ class Principal:
     token_id: str
     expires_at: int
 
-    def require_reader(self) -> None:
-        """Every role may read."""
-
     def require_admin(self, action: str) -> None:
         if self.role != "admin":
             raise PermissionDeniedError(f"{action} needs the admin role; client {self.common_name!r} is {self.role}", "admin")

@@ -82,10 +82,10 @@ def parse_host_port(value: Any, key: str) -> HostPort:
 
 
 def _host_port_list(value: Any, key: str) -> tuple[HostPort, ...]:
-    items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else None
+    items = _list_items(value, key, "127.0.0.1:8653")
     if not items:
         raise ConfigError(f"{key}: must be one or more 'HOST:PORT' addresses, got {value!r}")
-    return tuple(parse_host_port(item.strip() if isinstance(item, str) else item, key) for item in items)
+    return tuple(parse_host_port(item, key) for item in items)
 
 
 def _list_items(value: Any, key: str, example: str) -> list[str]:

@@ -49,7 +49,7 @@ RCODE_NAMES = {
 }
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"  # route label of a request that matched no route (404, 405)
-MAX_CACHED_LABEL_SETS = 1000  # HTTP label sets whose metric children are kept
+MAX_CACHED_LABEL_SETS = 1000  # label sets whose metric children are kept
 
 _DNS_HEADER_SIZE = 12
 _OPT_TYPE = b"\x00\x29"
@@ -65,7 +65,7 @@ class Metrics:
     """
 
     def __init__(self, registry: Registry) -> None:
-        self._http_children: dict[tuple[str, str | None, int], tuple[Any, Any]] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see _child
         self.collectors = CollectorRegistry()
         collectors = self.collectors
         self.dns_queries = Counter(
@@ -146,26 +146,29 @@ class Metrics:
     def observe_dns(self, transport: str, response: bytes, seconds: float) -> None:
         """Count one DNS response, labelled from its own header and question, and time it."""
         qtype, rcode = _describe_response(response)
-        self.dns_queries.labels(transport, qtype, rcode).inc()
+        self._child(self.dns_queries, (transport, qtype, rcode)).inc()
         self.dns_seconds.observe(seconds)
 
     def observe_http(self, method: str, route: str | None, status: int, seconds: float) -> None:
         """Count and time one HTTP request; ``route`` is the matched pattern, None when none matched."""
-        key = (method, route, status)
-        children = self._http_children.get(key)
-        if children is None:
-            # labels() takes a lock and builds a key on every call; the label
-            # sets are few (fixed methods, route patterns, statuses), so keep them.
-            label_method = method if method in HTTP_METHODS else "other"
-            label_route = route if route is not None else UNMATCHED_ROUTE
-            children = (
-                self.http_requests.labels(label_method, label_route, str(status)),
-                self.http_seconds.labels(label_method, label_route),
-            )
-            if len(self._http_children) < MAX_CACHED_LABEL_SETS:
-                self._http_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        method = method if method in HTTP_METHODS else "other"
+        route = route if route is not None else UNMATCHED_ROUTE
+        self._child(self.http_requests, (method, route, str(status))).inc()
+        self._child(self.http_seconds, (method, route)).observe(seconds)
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """Return ``metric.labels(*labels)``, kept: labels() takes a lock and builds a key on every call.
+
+        Label values come from fixed sets, so the number of children stays small;
+        past MAX_CACHED_LABEL_SETS they are looked up each time instead of kept.
+        """
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            if len(self._children) < MAX_CACHED_LABEL_SETS:
+                self._children[key] = child
+        return child
 
     def observe_registration(self, created: bool) -> None:
         self.registrations.labels("created" if created else "updated").inc()

@@ -249,3 +249,20 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
     return lines[0]
+
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+def assert_problem(answer: httpx.Response, status: int, field: str | None = None) -> dict:
+    """Check that ``answer`` is an RFC 9457 problem with ``status`` (naming ``field``), and return it."""
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith(PROBLEM_CONTENT_TYPE)
+    problem = answer.json()
+    assert problem["status"] == status
+    assert problem["type"]
+    assert problem["title"]
+    assert problem["detail"]
+    if field is not None:
+        assert [error["field"] for error in problem["errors"]] == [field], problem
+    return problem

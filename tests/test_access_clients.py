@@ -11,10 +11,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from conftest import ServerProcess, one_error_line, run_cli
-
-PROBLEM = "application/problem+json"
-
+from conftest import ServerProcess, assert_problem, one_error_line, run_cli
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
@@ -27,15 +24,6 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
 def admin(server) -> Iterator[httpx.Client]:
     with server.client() as client:
         yield client
-
-
-def assert_problem(answer: httpx.Response, status: int, field: str | None = None) -> dict:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith(PROBLEM)
-    problem = answer.json()
-    if field is not None:
-        assert [error["field"] for error in problem["errors"]] == [field], problem
-    return problem
 
 
 # ----- HTTP API ---------------------------------------------------------------------------
@@ -144,8 +132,6 @@ def cli(server):
         return run_cli(server, *arguments)
 
     return run
-
-
 
 
 def test_cli_client_lifecycle(server, cli, tmp_path):

@@ -12,26 +12,13 @@ import httpx
 import jwt
 import pytest
 
-from conftest import closed_port, wait_until
-
-PROBLEM = "application/problem+json"
+from conftest import PROBLEM_CONTENT_TYPE, assert_problem, closed_port, wait_until
 
 
 def register(api: httpx.Client, service: str, address: str, protocol: str = "Http", **fields) -> httpx.Response:
     # Addresses outside loopback are never probed: the tests send no traffic beyond 127.0.0.1.
     fields.setdefault("check", {"type": "none"})
     return api.post(f"/api/services/{service}/instances", json={"address": address, "protocol": protocol, **fields})
-
-
-def assert_problem(answer: httpx.Response, status: int, field: str | None = None) -> dict:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith(PROBLEM)
-    problem = answer.json()
-    assert problem["status"] == status
-    assert problem["type"] and problem["title"] and problem["detail"]
-    if field is not None:
-        assert [error["field"] for error in problem["errors"]] == [field], problem
-    return problem
 
 
 # ----- tokens ------------------------------------------------------------------
@@ -101,7 +88,7 @@ def test_forged_tokens_rejected(server):
     for case, bad in forged.items():
         answer = httpx.get(server.url + "/api/services", headers={"Authorization": f"Bearer {bad}"})
         assert answer.status_code == 401, case
-        assert answer.headers["content-type"].startswith(PROBLEM), case
+        assert answer.headers["content-type"].startswith(PROBLEM_CONTENT_TYPE), case
 
 
 def test_expired_token_signed_with_real_key_rejected(server):

@@ -6,8 +6,7 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from conftest import closed_port, wait_until
-from test_api import assert_problem
+from conftest import assert_problem, closed_port, wait_until
 
 ZONE = "logpose.internal"
 
