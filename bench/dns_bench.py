@@ -428,8 +428,8 @@ def dns_query(name: str, kind: int, message_id: int, *, edns: bool = False) -> b
     return header + question + opt
 
 
-def poll_until(sock: socket.socket, name: str, wanted_rcode: int, started: float) -> float:
-    """Query A ``name`` in a tight loop until the response has ``wanted_rcode``; return the seconds since ``started``."""
+def poll_until(sock: socket.socket, name: str, expected_rcode: int, started: float) -> float:
+    """Query A ``name`` in a tight loop until the response has ``expected_rcode``; return the seconds since ``started``."""
     message_id = 0
     while time.perf_counter() - started < FRESHNESS_TIMEOUT:
         message_id = (message_id + 1) % 65536
@@ -441,9 +441,9 @@ def poll_until(sock: socket.socket, name: str, wanted_rcode: int, started: float
                     break
         except TimeoutError:
             continue
-        if response[3] & 0x0F == wanted_rcode:
+        if response[3] & 0x0F == expected_rcode:
             return time.perf_counter() - started
-    raise BenchmarkError(f"{name} did not change to RCODE {wanted_rcode} within {FRESHNESS_TIMEOUT:g} s")
+    raise BenchmarkError(f"{name} did not change to RCODE {expected_rcode} within {FRESHNESS_TIMEOUT:g} s")
 
 
 def measure_freshness(server: LogPose, samples: int) -> dict[str, list[float]]:
@@ -516,7 +516,7 @@ def seed_catalog(data_dir: Path, instances: int, services: int) -> None:
             registry = Registry(store)
             await registry.load()
             if len(registry.instances()) != instances:
-                raise BenchmarkError(f"the store holds {len(registry.instances())} instances, {instances} written")
+                raise BenchmarkError(f"the store contains {len(registry.instances())} instances, {instances} written")
         finally:
             await store.close()
 

@@ -101,7 +101,7 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class Check:
-    """How the health of an instance is decided.
+    """The settings that decide the health of an instance.
 
     Durations are seconds. None means "use the server-wide default" for
     ``interval``, ``timeout``, ``rise``, ``fall`` and ``deregister_after``.

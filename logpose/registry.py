@@ -418,7 +418,7 @@ class Registry:
         """Take an instance out of discovery (``reason`` set) or return it (None); durable.
 
         Maintenance leaves checks running, so turning it off returns the
-        instance to whatever its checks say by then.
+        instance to whatever its checks report by then.
         """
         instance = self._instances.get(instance_id)
         if instance is None:

@@ -14,7 +14,7 @@ class DiscoveryCache:
     """The JSON body of ``GET /api/discover/{code}`` per service, as bytes.
 
     An entry is dropped by the registry change that touches its service (a
-    change for service "" drops all), so a read after a change always sees it.
+    change for service "" drops all), so a read after a change returns the new body.
     """
 
     def __init__(self, registry: Registry) -> None:

@@ -10,8 +10,8 @@ from dnslib import EDNS0, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
 DEFAULT_MAX_PENDING = 256
 
-# A recursor's reply with one of these codes tells nothing about the name, so the next
-# recursor is asked.
+# A recursor's reply with one of these codes gives no information about the name, so the
+# next recursor is queried.
 _RETRY_RCODES = frozenset({RCODE.SERVFAIL, RCODE.REFUSED, RCODE.NOTIMP, RCODE.FORMERR})
 
 

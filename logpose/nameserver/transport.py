@@ -24,9 +24,9 @@ MAX_RATE_LIMIT = 1_000_000  # responses per second and source
 _RATE_LIMIT_LOG_INTERVAL = 10.0  # seconds between two log lines about dropped responses
 
 
-# TODO: one process answers DNS on one core. Worker processes sharing each port with
+# TODO: one process serves DNS on one core. Worker processes that share each port with
 # SO_REUSEPORT, each fed the catalog and its changes over a pipe, would use the other
-# cores; until they exist, bench/BENCHMARKS.md has the single-process figures.
+# cores. Until they exist, bench/BENCHMARKS.md has the single-process figures.
 class DnsServer:
     """UDP and TCP listeners on each (host, port) that pass every query to ``responder``.
 

@@ -277,11 +277,11 @@ class ProberDuties:
 
 
 def _check_ports_free(settings: Settings) -> None:
-    """Raise StartupError when a fixed listen port is taken; port 0 always succeeds later."""
-    wanted = [("HTTP", socket.SOCK_STREAM, *settings.http_listen)]
+    """Raise StartupError when a fixed listen port is taken; port 0 is skipped, since the system picks a free one."""
+    listeners = [("HTTP", socket.SOCK_STREAM, *settings.http_listen)]
     for host, port in settings.dns_listen:
-        wanted += [("DNS", socket.SOCK_DGRAM, host, port), ("DNS", socket.SOCK_STREAM, host, port)]
-    for protocol, kind, host, port in wanted:
+        listeners += [("DNS", socket.SOCK_DGRAM, host, port), ("DNS", socket.SOCK_STREAM, host, port)]
+    for protocol, kind, host, port in listeners:
         if port == 0:
             continue
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

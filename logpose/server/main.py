@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"logpose-server: invalid configuration: {exc.detail}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     configure_logging(settings)
-    # The data directory holds the database, with every client's secret hash,
+    # The data directory contains the database, with every client's secret hash,
     # and the token key: files the server makes are for its own user only.
     os.umask(0o077)
 

@@ -472,10 +472,10 @@ class SqlStore:
         The rows keep the indexes they carry. The change index moves past both
         the stored one and the snapshot's, and the change log is emptied, so a
         node that follows this database finds a gap and reloads the whole
-        catalog. Raise ConflictError when the rows contradict each other (two
-        instances with one registration key, an instance of a missing service)
-        and StoreUnavailableError when the database fails; either way nothing
-        changes.
+        catalog. Raise ConflictError when the rows contradict each other, such as
+        two instances with one registration key or an instance of a missing
+        service. Raise StoreUnavailableError when the database fails. Either way
+        nothing changes.
         """
         async with self._transaction() as connection:
             index = max(await self._lock_index(connection), snapshot.index) + 1
