@@ -78,7 +78,10 @@ SEED_BATCH = 5000  # instances per store transaction when writing the scale cata
 SCALE_SAMPLE = 100  # services of the scale catalog in its cache-resident query mix
 # Passes over the query file before measuring: the server's cache keeps up to 8 rotations
 # of each answer, built at the first queries of a name.
-WARM_UP_PASSES = 10
+# Each DNS process has its own cache, and the kernel picks the process by source port,
+# so the warm-up spreads its passes over several client sockets.
+WARM_UP_PASSES = 40
+WARM_UP_CLIENTS = 16
 
 
 @dataclass
@@ -88,6 +91,8 @@ class Options:
     seconds: float
     repeats: int
     in_flight: int
+    clients: int
+    dns_workers: int
     rate: int
     freshness_samples: int
     scale_instances: int
@@ -103,6 +108,14 @@ def parse_options(argv: list[str] | None = None) -> Options:
     parser.add_argument("--repeats", type=int, help="dnsperf runs per server; medians are reported (default 3)")
     parser.add_argument("--in-flight", type=int, default=100, help="queries outstanding in the rate runs (default 100)")
     parser.add_argument("--rate", type=int, default=1000, help="queries/s of the latency runs (default 1000)")
+    parser.add_argument(
+        "--clients", type=int, default=4,
+        help="dnsperf client sockets (-c), so source ports; SO_REUSEPORT spreads them over processes (default 4)",
+    )
+    parser.add_argument(
+        "--dns-workers", type=int, default=2,
+        help="also measure a LogPose with this many DNS processes (--dns-workers); 1 skips it (default 2)",
+    )
     parser.add_argument("--freshness-samples", type=int, help="changes timed, half health reports (default 200)")
     parser.add_argument("--scale-instances", type=int, help="instances of the scale catalog, 0 skips it (default 100000)")
     parser.add_argument("--scale-services", type=int, help="services of the scale catalog (default instances / 10)")
@@ -124,8 +137,10 @@ def parse_options(argv: list[str] | None = None) -> Options:
     scale_services = arguments.scale_services or max(1, arguments.scale_instances // 10)
     if arguments.services < 1 or arguments.per_service < 1 or arguments.repeats < 1:
         parser.error("--services, --per-service and --repeats must be at least 1")
-    if arguments.seconds <= 0 or arguments.rate < 1 or arguments.in_flight < 1:
-        parser.error("--seconds, --rate and --in-flight must be positive")
+    if arguments.seconds <= 0 or arguments.rate < 1 or arguments.in_flight < 1 or arguments.clients < 1:
+        parser.error("--seconds, --rate, --in-flight and --clients must be positive")
+    if not 1 <= arguments.dns_workers <= 64:
+        parser.error("--dns-workers must be from 1 to 64")
     if arguments.freshness_samples < 2:
         parser.error("--freshness-samples must be at least 2")
     if arguments.scale_instances and not 1 <= scale_services <= arguments.scale_instances:
@@ -136,6 +151,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
         seconds=arguments.seconds,
         repeats=arguments.repeats,
         in_flight=arguments.in_flight,
+        clients=arguments.clients,
+        dns_workers=arguments.dns_workers,
         rate=arguments.rate,
         freshness_samples=arguments.freshness_samples,
         scale_instances=arguments.scale_instances,
@@ -159,9 +176,11 @@ class LogPose(Server):
     Its probe interval and timeout are passed as the server's defaults, 10 and 2 s.
     """
 
-    def __init__(self, name: str, work_dir: Path) -> None:
+    def __init__(self, name: str, work_dir: Path, dns_workers: int = 1) -> None:
         super().__init__(name, work_dir, _DefaultProbing())
         self.started_at = 0.0
+        if dns_workers > 1:
+            self.extra_args = ["--dns-workers", str(dns_workers)]
 
     def start(self) -> None:
         self.started_at = time.monotonic()
@@ -390,17 +409,19 @@ def write_queries(path: Path, services: list[str]) -> Path:
 def warm_up(port: int, query_file: Path) -> None:
     """Send every query of the file a few times, so each rotation of every answer was built once."""
     command = ["dnsperf", "-s", HOST, "-p", str(port), "-d", str(query_file), "-n", str(WARM_UP_PASSES),
-               "-c", "1", "-q", "20", "-t", f"{DNS_QUERY_TIMEOUT:g}", "-e"]
+               "-c", str(WARM_UP_CLIENTS), "-q", "20", "-t", f"{DNS_QUERY_TIMEOUT:g}", "-e"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise BenchmarkError(f"dnsperf exited with {result.returncode}: {result.stderr.strip() or result.stdout[-500:]}")
 
 
-def dnsperf(port: int, query_file: Path, seconds: float, *, in_flight: int = 100, rate: int | None = None) -> LoadRun:
+def dnsperf(
+    port: int, query_file: Path, seconds: float, *, in_flight: int = 100, rate: int | None = None, clients: int = 1
+) -> LoadRun:
     """Run dnsperf over UDP with EDNS0; with ``rate``, also return the median latency of the answered queries."""
     command = [
         "dnsperf", "-s", HOST, "-p", str(port), "-d", str(query_file), "-l", f"{seconds:g}",
-        "-c", "1", "-q", str(in_flight), "-t", f"{DNS_QUERY_TIMEOUT:g}", "-e",
+        "-c", str(clients), "-q", str(in_flight), "-t", f"{DNS_QUERY_TIMEOUT:g}", "-e",
     ]
     if rate is not None:
         command += ["-Q", str(rate), "-v"]
@@ -569,8 +590,12 @@ def measure_scale(options: Options, work_dir: Path, cleanup: contextlib.ExitStac
     warm_up(server.dns_port, sample_file)
     for repeat in range(options.repeats):
         log(f"scale run {repeat + 1}/{options.repeats}")
-        result.sample_runs.append(dnsperf(server.dns_port, sample_file, options.seconds, in_flight=options.in_flight))
-    result.all_runs.append(dnsperf(server.dns_port, all_file, options.seconds, in_flight=options.in_flight))
+        result.sample_runs.append(
+            dnsperf(server.dns_port, sample_file, options.seconds, in_flight=options.in_flight, clients=options.clients)
+        )
+    result.all_runs.append(
+        dnsperf(server.dns_port, all_file, options.seconds, in_flight=options.in_flight, clients=options.clients)
+    )
     result.rss_megabytes = resident_megabytes(server.pid)
     return result
 
@@ -616,6 +641,14 @@ def measure(options: Options, work_dir: Path, cleanup: contextlib.ExitStack) -> 
     dnslib_server = DnslibServer(records)
     cleanup.callback(dnslib_server.stop)
     ports = {"LogPose": server.dns_port, "NSD": nsd.port, "dnslib": dnslib_server.port}
+    if options.dns_workers > 1:
+        # The same catalog registered on a second server that answers DNS with several processes.
+        several = LogPose("workers", work_dir, options.dns_workers)
+        several.start()
+        cleanup.callback(several.stop)
+        several.wait_ready()
+        asyncio.run(register_catalog(several, options.services, options.per_service))
+        ports = {"LogPose": server.dns_port, several_name(options): several.dns_port, **ports}
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -635,10 +668,12 @@ def measure(options: Options, work_dir: Path, cleanup: contextlib.ExitStack) -> 
     for repeat in range(options.repeats):
         for name, port in ports.items():
             log(f"rate run {repeat + 1}/{options.repeats} against {name}")
-            results.rate_runs[name].append(dnsperf(port, query_file, options.seconds, in_flight=options.in_flight))
+            results.rate_runs[name].append(
+                dnsperf(port, query_file, options.seconds, in_flight=options.in_flight, clients=options.clients)
+            )
     for name, port in ports.items():
         log(f"latency run at {options.rate} queries/s against {name}")
-        results.latency_runs[name] = dnsperf(port, query_file, options.seconds, rate=options.rate)
+        results.latency_runs[name] = dnsperf(port, query_file, options.seconds, rate=options.rate, clients=options.clients)
 
     log(f"freshness: {options.freshness_samples} changes")
     results.freshness = measure_freshness(server, options.freshness_samples)
@@ -653,6 +688,10 @@ def measure(options: Options, work_dir: Path, cleanup: contextlib.ExitStack) -> 
 
 
 # ----- report ----------------------------------------------------------------------------------
+
+
+def several_name(options: Options) -> str:
+    return f"LogPose, {options.dns_workers} processes"
 
 
 def median_rate(runs: list[LoadRun]) -> float:
@@ -677,6 +716,10 @@ def print_table(options: Options, results: Results) -> None:
                      f"runs {per_run}; lost {lost:.0f}; average latency {milliseconds(average)}"))
     rows.append(("ratio LogPose / NSD", f"{rates['LogPose'] / rates['NSD']:.2f}", "target 0.75"))
     rows.append(("ratio LogPose / dnslib", f"{rates['LogPose'] / rates['dnslib']:.1f}", "target 40"))
+    several = several_name(options)
+    if several in rates:
+        rows.append((f"ratio {several} / NSD", f"{rates[several] / rates['NSD']:.2f}", "target 0.75"))
+        rows.append((f"ratio {several} / dnslib", f"{rates[several] / rates['dnslib']:.1f}", "target 40"))
     for name, load in results.latency_runs.items():
         rows.append((f"median latency at {options.rate}/s, {name}", milliseconds(load.median_latency),
                      f"{load.run.queries_per_second:.0f} queries/s answered, lost {load.run.lost}"))
@@ -719,6 +762,7 @@ def print_table(options: Options, results: Results) -> None:
         print(f"{name:<{width}}  {value:<{value_width}}  {note}".rstrip())
     print()
     print(f"dnsperf: UDP, EDNS0, A and SRV of every service in turn, {options.seconds:g} s per run, "
+          f"{options.clients} client sockets, "
           f"{options.in_flight} queries outstanding, median of {options.repeats} run(s); "
           f"latency runs at -Q {options.rate}")
 

@@ -272,6 +272,7 @@ class Server:
         self.dns_port = free_port()
         self.url = f"http://{HOST}:{self.http_port}"
         self._options = options
+        self.extra_args: list[str] = []  # more logpose-server flags
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -284,6 +285,7 @@ class Server:
         ]
         if self._options.timeout is not None:
             command += ["--probe-timeout", f"{self._options.timeout:g}"]
+        command += self.extra_args
         # The server reads LOGPOSE_* variables; drop them so it runs with its defaults.
         environment = {key: value for key, value in os.environ.items() if not key.startswith("LOGPOSE_")}
         with self.log_path.open("ab") as log:

@@ -49,6 +49,7 @@ class Settings:
     dns_reverse_zones: tuple[Network, ...] = ()  # networks answered with PTR records
     dns_allow: tuple[Network, ...] = ()  # networks that may query DNS; empty: everyone
     dns_rate_limit: int = 0  # UDP responses per second and source address; 0: no limit
+    dns_workers: int = 1  # processes answering DNS on dns_listen, this one included (SO_REUSEPORT above 1)
     recursors: tuple[HostPort, ...] = ()  # resolvers for names outside the zone; empty: REFUSED
     recursor_timeout: float = 2.0  # seconds per recursor
     jwt_key: str | None = None  # None: a random key kept in data_dir/jwt.key
@@ -239,6 +240,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "dns_reverse_zones": _network_list,
     "dns_allow": _network_list,
     "dns_rate_limit": _whole(0, 1_000_000, " of responses per second"),
+    "dns_workers": _whole(1, 64, " of processes"),
     "recursors": _recursor_list,
     "recursor_timeout": _seconds(0.01, 60),
     "jwt_key": _jwt_key,

@@ -10,22 +10,24 @@ patterns, standard methods), so no client can grow the number of series.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 from logpose.model import Health
 from logpose.registry import Change, ChangeKind, Registry
 
 if TYPE_CHECKING:
-    from logpose.nameserver.answer import ForwardedQuery, Responder
+    from logpose.nameserver.answer import Responder
     from logpose.prober import Prober
     from logpose.store.sql import SqlStore
 
@@ -50,10 +52,9 @@ RCODE_NAMES = {
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"  # route label of a request that matched no route (404, 405)
 MAX_CACHED_LABEL_SETS = 1000  # label sets whose metric children are kept
-
-_DNS_HEADER_SIZE = 12
-_OPT_TYPE = b"\x00\x29"
-_OPT_WITHOUT_OPTIONS_SIZE = 11  # root name, type, class, TTL and a zero RDLENGTH
+# DNS responses are tallied by raw (transport, type, code) numbers; past this many
+# distinct ones the tally is folded into label names, which form a closed set.
+MAX_DNS_RAW_KEYS = 1000
 
 
 class Metrics:
@@ -68,14 +69,8 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see _child
         self.collectors = CollectorRegistry()
         collectors = self.collectors
-        self.dns_queries = Counter(
-            "logpose_dns_queries", "DNS queries answered, by transport, query type and response code",
-            ("transport", "qtype", "rcode"), registry=collectors,
-        )
-        self.dns_seconds = Histogram(
-            "logpose_dns_response_seconds", "Time from a DNS query to its response leaving the responder",
-            buckets=DNS_SECONDS_BUCKETS, registry=collectors,
-        )
+        self.dns = DnsTally()
+        collectors.register(self.dns)
         self.http_requests = Counter(
             "logpose_http_requests", "HTTP requests answered, by method, route pattern and status",
             ("method", "route", "status"), registry=collectors,
@@ -129,9 +124,9 @@ class Metrics:
         store.batch_timer = self.time_commit
         self._catalog.store = store
 
-    def measure_responder(self, responder: Responder) -> MeasuredResponder:
-        """Return ``responder`` wrapped so that every response it returns is counted and timed."""
-        return MeasuredResponder(responder, self)
+    def watch_responder(self, responder: Responder) -> None:
+        """Count and time every response that ``responder`` returns."""
+        responder.observe = self.dns.observe
 
     @contextlib.contextmanager
     def time_commit(self, size: int) -> Iterator[None]:
@@ -142,12 +137,6 @@ class Metrics:
             yield
         finally:
             self.commit_seconds.observe(time.perf_counter() - started)
-
-    def observe_dns(self, transport: str, response: bytes, seconds: float) -> None:
-        """Count one DNS response, labelled from its own header and question, and time it."""
-        qtype, rcode = _describe_response(response)
-        self._child(self.dns_queries, (transport, qtype, rcode)).inc()
-        self.dns_seconds.observe(seconds)
 
     def observe_http(self, method: str, route: str | None, status: int, seconds: float) -> None:
         """Count and time one HTTP request; ``route`` is the matched pattern, None when none matched."""
@@ -197,71 +186,91 @@ class Metrics:
             self.health_transitions.labels(previous.value, instance.health.value).inc()
 
 
-class MeasuredResponder:
-    """A ``Responder`` whose responses are counted and timed; the DNS transports use it unchanged.
+class DnsTally:
+    """Counts and times DNS responses with plain numbers, exported at scrape time.
 
-    ``respond``, ``respond_cached`` and ``forward`` are wrapped, because they are
-    where a response leaves the responder. A method that returns responses and
-    is added there later must be wrapped here too, or its responses go uncounted. A forwarded query is
-    counted once, when its forwarded response is returned, and timed from the
-    start of ``forward``.
+    ``observe`` runs once per DNS response, the server's hottest path, so it only
+    adds to a dictionary and a list: prometheus-client's labelled children take a
+    lock per call and its histogram searches its buckets in Python. Query types
+    and response codes are turned into label values (``QUERY_TYPE_NAMES``,
+    ``RCODE_NAMES``, else "other") when the tally is folded, at scrape time or
+    when MAX_DNS_RAW_KEYS distinct numbers have come in.
     """
 
-    def __init__(self, responder: Responder, metrics: Metrics) -> None:
-        self._responder = responder
-        self._observe = metrics.observe_dns
+    def __init__(self) -> None:
+        self._raw: dict[tuple[str, int | None, int], int] = {}
+        self._named: dict[tuple[str, str, str], int] = {}
+        # One count per bound of DNS_SECONDS_BUCKETS, then one above the last bound.
+        self._buckets = [0] * (len(DNS_SECONDS_BUCKETS) + 1)
+        self._seconds = 0.0
 
-    def __getattr__(self, name: str) -> object:
-        # Everything else (settings, cache counters) is the wrapped responder's own.
-        return getattr(self._responder, name)
+    def observe(self, transport: str, qtype: int | None, rcode: int, seconds: float) -> None:
+        """Count one response to a query of type ``qtype`` (None: no question) that took ``seconds``."""
+        key = (transport, qtype, rcode)
+        raw = self._raw
+        count = raw.get(key)
+        if count is None and len(raw) >= MAX_DNS_RAW_KEYS:
+            self._fold()
+        raw[key] = (count or 0) + 1
+        self._buckets[bisect.bisect_left(DNS_SECONDS_BUCKETS, seconds)] += 1
+        self._seconds += seconds
 
-    def respond(
-        self, wire: bytes, transport: str, peer: str = "-", source: str | None = None
-    ) -> bytes | ForwardedQuery | None:
-        started = time.perf_counter()
-        reply = self._responder.respond(wire, transport, peer, source)
-        if type(reply) is bytes:
-            self._observe(transport, reply, time.perf_counter() - started)
-        return reply
+    def take(self) -> tuple[dict[tuple[str, int | None, int], int], list[int], float] | None:
+        """Return the raw counts, bucket counts and seconds observed since the last call, or None without any.
 
-    def respond_cached(self, wire: bytes, transport: str, source: str | None = None) -> bytes | None:
-        started = time.perf_counter()
-        reply = self._responder.respond_cached(wire, transport, source)
-        if reply is not None:
-            self._observe(transport, reply, time.perf_counter() - started)
-        return reply
+        A DNS worker process takes its tally this way and the server ``merge``s it.
+        """
+        if not self._raw:
+            return None
+        taken = (self._raw, self._buckets, self._seconds)
+        self._raw = {}
+        self._buckets = [0] * len(self._buckets)
+        self._seconds = 0.0
+        return taken
 
-    async def forward(self, query: ForwardedQuery) -> bytes:
-        started = time.perf_counter()
-        reply = await self._responder.forward(query)
-        self._observe(query.transport, reply, time.perf_counter() - started)
-        return reply
+    def merge(self, raw: dict[tuple[str, int | None, int], int], buckets: list[int], seconds: float) -> None:
+        """Add what another tally's ``take`` returned."""
+        for key, count in raw.items():
+            if key not in self._raw and len(self._raw) >= MAX_DNS_RAW_KEYS:
+                self._fold()
+            self._raw[key] = self._raw.get(key, 0) + count
+        for position, count in enumerate(buckets[: len(self._buckets)]):
+            self._buckets[position] += count
+        self._seconds += seconds
 
+    def counts(self) -> dict[tuple[str, str, str], int]:
+        """Responses so far by (transport, query type name, response code name)."""
+        self._fold()
+        return dict(self._named)
 
-def _describe_response(response: bytes) -> tuple[str, str]:
-    """Return the query type and response code names of a DNS response this server packed.
+    def collect(self) -> Iterator[Metric]:
+        queries = CounterMetricFamily(
+            "logpose_dns_queries", "DNS queries answered, by transport, query type and response code",
+            labels=("transport", "qtype", "rcode"),
+        )
+        for labels, count in self.counts().items():
+            queries.add_metric(labels, count)
+        yield queries
+        cumulative = 0
+        buckets = []
+        for bound, count in zip((*DNS_SECONDS_BUCKETS, float("inf")), self._buckets):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(
+            "logpose_dns_response_seconds", "Time from a DNS query to its response leaving the responder",
+            buckets=buckets, sum_value=self._seconds,
+        )
 
-    The question is the first name after the header and is never compressed
-    (RFC 1035 §4.1.4 allows pointers only to earlier names). The response code's
-    upper bits travel in the OPT record (RFC 6891 §6.1.3), which this server
-    always packs last and without options.
-    """
-    if len(response) < _DNS_HEADER_SIZE:
-        return "none", "other"
-    rcode = response[3] & 0x0F
-    if response[11] or response[10]:  # ARCOUNT > 0: the OPT record, if any, is the last record
-        opt = response[-_OPT_WITHOUT_OPTIONS_SIZE:]
-        if len(response) >= _DNS_HEADER_SIZE + _OPT_WITHOUT_OPTIONS_SIZE and opt[0] == 0 and opt[1:3] == _OPT_TYPE:
-            rcode |= opt[5] << 4
-    qtype = "none"
-    if response[4] or response[5]:  # QDCOUNT > 0
-        offset = _DNS_HEADER_SIZE
-        while offset < len(response) and response[offset]:
-            offset += response[offset] + 1
-        if offset + 3 <= len(response):
-            number = int.from_bytes(response[offset + 1:offset + 3], "big")
-            qtype = QUERY_TYPE_NAMES.get(number, "other")
-    return qtype, RCODE_NAMES.get(rcode, "other")
+    def _fold(self) -> None:
+        named = self._named
+        for (transport, qtype, rcode), count in self._raw.items():
+            label = (
+                transport,
+                "none" if qtype is None else QUERY_TYPE_NAMES.get(qtype, "other"),
+                RCODE_NAMES.get(rcode, "other"),
+            )
+            named[label] = named.get(label, 0) + count
+        self._raw.clear()
 
 
 class _CatalogCollector:
@@ -311,4 +320,4 @@ class _CatalogCollector:
             )
 
 
-__all__ = ["Metrics", "MeasuredResponder"]
+__all__ = ["DnsTally", "Metrics"]

@@ -469,7 +469,7 @@ class Registry:
         self._database_index = database_index
         if records is None:
             snapshot = await self._store.load()
-            self._reload(snapshot)
+            self.replace_catalog(snapshot)
             registry_log.warning(
                 "Change feed fell behind the change log; reloaded the catalog at index %d", snapshot.index
             )
@@ -483,8 +483,7 @@ class Registry:
         codes = {record.service for record in foreign}
         ids = {record.instance_id for record in foreign if record.instance_id}
         services, instances = await self._store.fetch(codes, ids) if foreign else ({}, {})
-        for record in foreign:
-            self._apply_record(record, services, instances)
+        self.apply_records(foreign, services, instances)
         if records:
             last = records[-1].index
             self._feed_index = max(self._feed_index, last)
@@ -498,6 +497,20 @@ class Registry:
     def watch_kind(self, kind: str, watcher: Callable[[], None]) -> None:
         """Call ``watcher`` when the change feed brings changes of a non-catalog ``kind`` (e.g. "client")."""
         self._kind_watchers.setdefault(kind, []).append(watcher)
+
+    def apply_records(
+        self, records: list[ChangeRecord], services: dict[str, Service], instances: dict[str, Instance]
+    ) -> None:
+        """Apply changes made elsewhere, given the current rows of what they touched, and notify.
+
+        ``services`` and ``instances`` hold the rows as they are now, by code and id;
+        a record whose row is missing there was deleted. The change feed reads them
+        from the store; a DNS worker gets them from the server process.
+        """
+        for record in records:
+            self._apply_record(record, services, instances)
+        if records:
+            self._index = max(self._index, records[-1].index)
 
     def _apply_record(
         self, record: ChangeRecord, services: dict[str, Service], instances: dict[str, Instance]
@@ -548,7 +561,8 @@ class Registry:
         kind = ChangeKind.HEALTH if record.kind == ChangeKind.HEALTH.value else ChangeKind.INSTANCE_UPSERT
         self._apply(Change(record.index, kind, instance.service, instance.id))
 
-    def _reload(self, snapshot: CatalogSnapshot) -> None:
+    def replace_catalog(self, snapshot: CatalogSnapshot) -> None:
+        """Swap in ``snapshot`` as a whole and send listeners one notice with an empty service code."""
         previous = set(self._instances)
         self.load_snapshot(snapshot)
         self._database_index = snapshot.index

@@ -15,7 +15,8 @@ from dnslib import EDNS0, RCODE, DNSRecord
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess, TcpListener, wait_until
-from logpose.metrics import Metrics, _describe_response
+from logpose.metrics import DnsTally, Metrics
+from logpose.nameserver.cache import describe_response
 from logpose.registry import Registry
 
 ZONE = "logpose.internal"
@@ -177,10 +178,10 @@ def test_openmetrics_on_request(traffic):
 @pytest.mark.parametrize(
     ("qtype", "rcode", "edns", "expected"),
     [
-        ("A", RCODE.NOERROR, False, ("A", "NOERROR")),
-        ("SRV", RCODE.NXDOMAIN, True, ("SRV", "NXDOMAIN")),
-        ("TYPE999", RCODE.REFUSED, False, ("other", "REFUSED")),
-        ("AAAA", 16, True, ("AAAA", "BADVERS")),
+        ("A", RCODE.NOERROR, False, (1, 0)),
+        ("SRV", RCODE.NXDOMAIN, True, (33, 3)),
+        ("TYPE999", RCODE.REFUSED, False, (999, 5)),
+        ("AAAA", 16, True, (28, 16)),
     ],
 )
 def test_response_labels_from_wire(qtype, rcode, edns, expected):
@@ -188,12 +189,49 @@ def test_response_labels_from_wire(qtype, rcode, edns, expected):
     reply.header.rcode = rcode & 0xF
     if edns:
         reply.add_ar(EDNS0(udp_len=1232, ext_rcode=rcode >> 4))
-    assert _describe_response(bytes(reply.pack())) == expected
+    assert describe_response(bytes(reply.pack())) == expected
 
 
 def test_response_labels_without_question():
-    assert _describe_response(b"\x12\x34\x81\x01" + bytes(8)) == ("none", "FORMERR")
-    assert _describe_response(b"\x00") == ("none", "other")
+    assert describe_response(b"\x12\x34\x81\x01" + bytes(8)) == (None, 1)
+    assert describe_response(b"\x00") == (None, -1)
+
+
+def test_dns_tally_names_numbers_and_stays_bounded():
+    tally = DnsTally()
+    tally.observe("udp", 1, 0, 0.00005)
+    tally.observe("udp", 1, 0, 0.003)
+    tally.observe("tcp", 999, 16, 0.2)
+    tally.observe("udp", None, 1, 5.0)
+    counts = tally.counts()
+    assert counts == {
+        ("udp", "A", "NOERROR"): 2,
+        ("tcp", "other", "BADVERS"): 1,
+        ("udp", "none", "FORMERR"): 1,
+    }
+    # Every query type a client can send is a distinct number: the raw tally folds
+    # them into "other" instead of growing without bound.
+    for qtype in range(300, 5300):
+        tally.observe("udp", qtype, 0, 0.001)
+    assert len(tally._raw) <= 1000
+    assert tally.counts()[("udp", "other", "NOERROR")] == 5000
+
+    scrape = Scrape(_render(tally))
+    assert scrape.value("logpose_dns_queries_total", transport="udp", qtype="A", rcode="NOERROR") == 2
+    assert scrape.value("logpose_dns_response_seconds_count") == 5004
+    assert scrape.value("logpose_dns_response_seconds_bucket", le="0.0001") == 1
+    assert scrape.value("logpose_dns_response_seconds_bucket", le="0.005") == 5002
+    assert scrape.value("logpose_dns_response_seconds_bucket", le="2.5") == 5003
+    assert scrape.value("logpose_dns_response_seconds_bucket", le="+Inf") == 5004
+    assert scrape.value("logpose_dns_response_seconds_sum") == pytest.approx(0.00005 + 0.003 + 0.2 + 5.0 + 5.0)
+
+
+def _render(collector) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return generate_latest(registry).decode()
 
 
 def test_label_values_stay_bounded():

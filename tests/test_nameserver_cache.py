@@ -175,6 +175,93 @@ def test_cached_equals_built_across_changes():
 # ----- what changes drop ----------------------------------------------------
 
 
+def serve(responder: Responder, wire: bytes, transport: str = "udp") -> bytes:
+    """Answer as the DNS transports do: the cached fast path first, then the full one."""
+    reply = responder.respond_cached(wire, transport) or responder.respond(wire, transport)
+    assert isinstance(reply, bytes)
+    return reply
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_fast_path_equals_built_across_changes(transport):
+    registry = make_registry()
+    cached = make_responder(registry)
+    built = make_responder(registry, cache_bytes=0)
+
+    def compare() -> None:
+        for message_id, (name, rdtype, options) in enumerate(QUERIES):
+            wire = query_wire(name, rdtype, message_id=message_id, **options)
+            assert serve(cached, wire, transport) == built.respond(wire, transport), (name, rdtype)
+
+    compare()
+    compare()
+    assert cached.cache.known_queries[transport]
+    registry.report_health(SICK_1, Health.HEALTHY, "recovered")
+    compare()
+    registry.record_check_result(WEB_2, False, "refused", None)
+    registry.record_check_result(WEB_2, False, "refused", None)
+    compare()
+    asyncio.run(registry.deregister(DB_1))
+    compare()
+    compare()
+    cached.update_settings(ZoneSettings(ttl=5, ns_addresses=["127.0.0.1"]))
+    built.update_settings(ZoneSettings(ttl=5, ns_addresses=["127.0.0.1"]))
+    compare()
+    compare()
+
+
+def test_known_query_follows_a_deregistration():
+    registry = make_registry()
+    responder = make_responder(registry)
+    wire = query_wire(f"db.{ZONE}", "SRV")
+    serve(responder, wire)
+    assert responder.respond_cached(wire, "udp") is not None
+
+    asyncio.run(registry.deregister(DB_1))
+
+    assert responder.respond_cached(wire, "udp") is None
+    assert dns.message.from_wire(serve(responder, wire)).rcode() == dns.rcode.NXDOMAIN
+
+
+def test_only_lower_case_queries_remembered():
+    responder = make_responder(make_registry())
+    mixed = query_wire(f"Web.{ZONE}")
+    for _ in range(3):
+        serve(responder, mixed)
+    assert responder.cache.known_queries["udp"] == {}
+
+    lower = query_wire(f"web.{ZONE}")
+    serve(responder, lower)
+    serve(responder, lower)
+    assert list(responder.cache.known_queries["udp"]) == [lower[2:]]
+
+
+def test_known_queries_bounded(monkeypatch):
+    monkeypatch.setattr("logpose.nameserver.cache.MAX_KNOWN_QUERIES", 10)
+    responder = make_responder(make_registry())
+    for number in range(25):
+        wire = query_wire(f"db.{ZONE}", "SRV", message_id=number, use_edns=0, payload=600 + number)
+        serve(responder, wire)
+        serve(responder, wire)
+
+    assert 0 < len(responder.cache.known_queries["udp"]) <= 10
+
+
+def test_observe_sees_every_response():
+    responder = make_responder(make_registry(), allow=["10.0.0.0/8"])
+    seen = []
+    responder.observe = lambda transport, qtype, rcode, seconds: seen.append((transport, qtype, rcode))
+    web = query_wire(f"web.{ZONE}", "SRV")
+    for _ in range(3):
+        reply = responder.respond_cached(web, "udp", "10.1.1.1") or responder.respond(web, "udp", "-", "10.1.1.1")
+        assert isinstance(reply, bytes)
+    responder.respond(query_wire(f"nothing.{ZONE}", "AAAA"), "tcp", "-", "10.1.1.1")
+    responder.respond(web, "udp", "-", "192.0.2.1")
+    assert responder.respond_cached(web, "udp", "192.0.2.1") is None
+
+    assert seen == [("udp", 33, 0)] * 3 + [("tcp", 28, 3), ("udp", 33, 5)]
+
+
 def test_health_change_drops_service_answers():
     registry = make_registry()
     responder = make_responder(registry)
@@ -407,7 +494,7 @@ def test_patch_copies_id_flags_and_case():
 def test_cache_bounded_by_bytes():
     cache = AnswerCache(max_bytes=5000)
     for number in range(100):
-        cache.store((number,), bucket="svc", period=1, rotation_key=None, position=0, index=None, wire=b"x" * 100)
+        cache.store((number,), bucket="svc", period=1, rotation_key=None, position=0, index=None, rcode=0, wire=b"x" * 100)
 
     assert cache.size <= 5000
     assert 0 < len(cache) < 100

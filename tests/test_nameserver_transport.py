@@ -440,11 +440,11 @@ def test_port_zero_retries_when_tcp_port_taken(monkeypatch, caplog):
     real_bound_socket = transport._bound_socket
     failed_ports = []
 
-    def bound_socket(family, kind, host, port):
+    def bound_socket(family, kind, host, port, reuse_port=False):
         if kind == socket.SOCK_STREAM and not failed_ports:
             failed_ports.append(port)
             raise OSError(errno.EADDRINUSE, "address already in use (simulated)")
-        return real_bound_socket(family, kind, host, port)
+        return real_bound_socket(family, kind, host, port, reuse_port)
 
     monkeypatch.setattr(transport, "_bound_socket", bound_socket)
     caplog.set_level(logging.INFO, logger="logpose.dns")

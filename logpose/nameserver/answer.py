@@ -39,6 +39,7 @@ import enum
 import ipaddress
 import logging
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -47,7 +48,16 @@ from dnslib.label import DNSBuffer
 
 from logpose.log import dns_log
 from logpose.model import AddressKind, Instance
-from logpose.nameserver.cache import APEX_BUCKET, DEFAULT_MAX_BYTES, AnswerCache, PeekedQuery, patch_response, peek_query
+from logpose.nameserver.cache import (
+    APEX_BUCKET,
+    DEFAULT_MAX_BYTES,
+    AnswerCache,
+    CachedAnswer,
+    PeekedQuery,
+    describe_response,
+    patch_response,
+    peek_query,
+)
 from logpose.nameserver.forward import Forwarder, ForwardError
 from logpose.nameserver.reverse import address_of, reverse_apexes, reverse_name
 from logpose.nameserver.throttle import LogThrottle
@@ -271,6 +281,10 @@ class Responder:
         self._by_address_index = -1
         if settings.reverse_zones:
             registry.subscribe(self._forget_addresses)
+        # Called with (transport, query type or None, response code, seconds) for every
+        # response returned, when set (see logpose.metrics). A query type or response
+        # code may be any number the wire allows.
+        self.observe: Callable[[str, int | None, int, float], None] | None = None
         subscribe = getattr(registry, "subscribe", None)
         # Without change notices a cached response could outlive its records, so a
         # registry stand-in that cannot notify gets no cache.
@@ -298,13 +312,33 @@ class Responder:
 
         Takes the same arguments as ``respond`` except ``peer``, and returns what
         ``respond`` would, so a transport can skip formatting the peer's address.
+        This is the path of nearly every query under load: a query whose exact bytes
+        were answered before skips reading the question.
         """
-        if len(wire) < HEADER_SIZE or (self._settings.allow and not self._is_allowed(source)):
+        started = time.perf_counter()
+        if self._settings.allow and not self._is_allowed(source):
             return None
-        peeked = peek_query(wire)
-        if peeked is None:
-            return None
-        return self._cached_reply(wire, peeked, self._cache_key(peeked, transport))
+        known = self._cache.known_queries[transport].get(wire[2:])
+        if known is not None:
+            entry, name_end, qtype = known
+            reply = self._reply_from(entry, wire, name_end)
+        else:
+            peeked = peek_query(wire)
+            if peeked is None:
+                return None
+            entry = self._cache.get(self._cache_key(peeked, transport))
+            if entry is None:
+                self._cache.misses += 1
+                return None
+            qtype = peeked.qtype
+            reply = self._reply_from(entry, wire, peeked.name_end)
+            # Queries spelled in lower case only: a resolver that randomises the case
+            # of names (the 0x20 defence) sends each spelling once.
+            if reply is not None and wire[HEADER_SIZE : peeked.name_end] == peeked.name:
+                self._cache.remember(transport, wire, entry, peeked.name_end, qtype)
+        if reply is not None and self.observe is not None:
+            self.observe(transport, qtype, entry.rcode, time.perf_counter() - started)
+        return reply
 
     def respond(
         self, wire: bytes, transport: str, peer: str = "-", source: str | None = None
@@ -324,6 +358,16 @@ class Responder:
         with its own ID, RD and CD flags and question spelling, byte for byte what
         building it again would give.
         """
+        if self.observe is None:
+            return self._respond(wire, transport, peer, source)
+        started = time.perf_counter()
+        reply = self._respond(wire, transport, peer, source)
+        if type(reply) is bytes:
+            qtype, rcode = describe_response(reply)
+            self.observe(transport, qtype, rcode, time.perf_counter() - started)
+        return reply
+
+    def _respond(self, wire: bytes, transport: str, peer: str, source: str | None) -> bytes | ForwardedQuery | None:
         if transport not in ("udp", "tcp"):
             raise ValueError(f"transport must be 'udp' or 'tcp', got {transport!r}")
         if len(wire) < HEADER_SIZE:
@@ -376,6 +420,14 @@ class Responder:
         The recursor's records are passed on with their TTLs, re-encoded to fit the
         client's size limit like an answer from the zone, without AA.
         """
+        started = time.perf_counter()
+        reply = await self._forward(query)
+        if self.observe is not None:
+            qtype, rcode = describe_response(reply)
+            self.observe(query.transport, qtype, rcode, time.perf_counter() - started)
+        return reply
+
+    async def _forward(self, query: ForwardedQuery) -> bytes:
         request = query.request
         assert self._forwarder is not None and request.question is not None
         try:
@@ -438,9 +490,16 @@ class Responder:
         return (query.name, query.qtype, limit, edns)
 
     def _cached_reply(self, wire: bytes, query: PeekedQuery, key: tuple[bytes, int, int, int]) -> bytes | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            self._cache.misses += 1
+            return None
+        return self._reply_from(entry, wire, query.name_end)
+
+    def _reply_from(self, entry: CachedAnswer, wire: bytes, name_end: int) -> bytes | None:
+        """Return ``entry``'s response patched for the query ``wire``, or None when it must be built."""
         cache = self._cache
-        entry = cache.get(key)
-        if entry is None or (entry.index is not None and entry.index != self._registry.index):
+        if not entry.live or (entry.index is not None and entry.index != self._registry.index):
             cache.misses += 1
             return None
         if entry.rotation_key is None:
@@ -455,7 +514,7 @@ class Responder:
                 return None
             self._advance_rotation(entry.rotation_key, count)
         cache.hits += 1
-        return patch_response(cached, wire, query.name_end)
+        return patch_response(cached, wire, name_end)
 
     def _store_reply(
         self, key: tuple[bytes, int, int, int], query: PeekedQuery, request: _Request, answer: _Answer, reply: bytes
@@ -473,6 +532,7 @@ class Responder:
             rotation_key=rotation.key if rotation else None,
             position=rotation.count if rotation else 0,
             index=self._registry.index if carries_serial else None,
+            rcode=answer.rcode,
             wire=canonical,
         )
 

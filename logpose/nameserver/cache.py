@@ -6,6 +6,9 @@ RD and CD flags and the question name's bytes (the query's own spelling, which h
 the same length). Compression pointers into the question stay valid because no
 offset moves, so owner names that point at the question read as the client spelled
 them.
+
+The cache also remembers, per transport, the exact bytes of recent queries that it
+answered, from the flags to the end, so a repeated query skips ``peek_query``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ _header = struct.Struct("!HHHHHH")
 _type_class = struct.Struct("!HH")
 _opt_fields = struct.Struct("!HHIH")
 _flags = struct.Struct("!H")
+
+# Queries remembered per transport: past this many the table starts empty again.
+MAX_KNOWN_QUERIES = 8192
 
 # The bucket of the zone apex and ns.<zone>, whose answers do not belong to a service.
 APEX_BUCKET = "."
@@ -101,6 +107,33 @@ def peek_query(wire: bytes) -> PeekedQuery | None:
     return PeekedQuery(wire[HEADER_SIZE:name_end].lower(), name_end, qtype, udp_payload, dnssec_ok)
 
 
+def describe_response(response: bytes) -> tuple[int | None, int]:
+    """Return the query type (None without a question) and the response code of a response this server packed.
+
+    The question is the first name after the header and is never compressed
+    (RFC 1035 §4.1.4 allows pointers only to earlier names). The response code's
+    upper bits travel in the OPT record (RFC 6891 §6.1.3), which this server
+    always packs last and without options. A message shorter than a header gives
+    (None, -1).
+    """
+    size = len(response)
+    if size < HEADER_SIZE:
+        return None, -1
+    rcode = response[3] & 0x0F
+    if response[11] or response[10]:  # ARCOUNT > 0: the OPT record, if any, is the last record
+        opt = response[-_OPT_LENGTH:]
+        if size >= HEADER_SIZE + _OPT_LENGTH and opt[0] == 0 and opt[1] << 8 | opt[2] == _OPT_TYPE:
+            rcode |= opt[5] << 4
+    qtype = None
+    if response[4] or response[5]:  # QDCOUNT > 0
+        offset = HEADER_SIZE
+        while offset < size and response[offset]:
+            offset += response[offset] + 1
+        if offset + 3 <= size:
+            qtype = response[offset + 1] << 8 | response[offset + 2]
+    return qtype, rcode
+
+
 def patch_response(cached: bytes, wire: bytes, name_end: int) -> bytes:
     """Return ``cached`` with the ID, RD, CD and the question name's spelling of the query ``wire``.
 
@@ -117,7 +150,8 @@ def patch_response(cached: bytes, wire: bytes, name_end: int) -> bytes:
 class CachedAnswer:
     """The responses to one name, type and size class: one per rotation position.
 
-    ``variants[i]`` is the response packed when the rotation counter under
+    ``rcode`` is the responses' response code. ``live`` turns False, and the
+    variants are let go, when the cache drops the entry. ``variants[i]`` is the response packed when the rotation counter under
     ``rotation_key`` stood at a value ``i`` modulo ``period``, or None until a query
     needed it. ``index`` is the registry's change index when the response carries
     it (an SOA serial), and None when the response does not depend on it.
@@ -127,8 +161,10 @@ class CachedAnswer:
     period: int
     rotation_key: Hashable | None
     index: int | None
+    rcode: int = 0
     variants: list[bytes | None] = field(default_factory=list)
     size: int = ENTRY_OVERHEAD
+    live: bool = True
 
 
 class AnswerCache:
@@ -148,6 +184,9 @@ class AnswerCache:
         self._entries: dict[Hashable, CachedAnswer] = {}
         self._buckets: dict[str, set[Hashable]] = {}
         self._size = 0
+        # By transport: the query's bytes after the message ID -> (entry, name_end, qtype).
+        # Read directly by the responder's fast path; filled by remember().
+        self.known_queries: dict[str, dict[bytes, tuple[CachedAnswer, int, int]]] = {"udp": {}, "tcp": {}}
 
     def get(self, key: Hashable) -> CachedAnswer | None:
         return self._entries.get(key)
@@ -161,18 +200,21 @@ class AnswerCache:
         rotation_key: Hashable | None,
         position: int,
         index: int | None,
+        rcode: int,
         wire: bytes,
     ) -> None:
         """Keep ``wire`` as the response at rotation ``position`` (modulo ``period``) for ``key``."""
         if not self.max_bytes:
             return
         entry = self._entries.get(key)
-        if entry is not None and (entry.period != period or entry.rotation_key != rotation_key or entry.index != index):
+        if entry is not None and (
+            entry.period != period or entry.rotation_key != rotation_key or entry.index != index or entry.rcode != rcode
+        ):
             # Built from another state of the catalog: start over.
             self._remove(key)
             entry = None
         if entry is None:
-            entry = CachedAnswer(bucket, period, rotation_key, index, [None] * period)
+            entry = CachedAnswer(bucket, period, rotation_key, index, rcode, [None] * period)
             self._entries[key] = entry
             self._buckets.setdefault(bucket, set()).add(key)
             self._size += entry.size
@@ -184,14 +226,30 @@ class AnswerCache:
         self._size += grown
         self._evict(keep=key)
 
+    def remember(self, transport: str, wire: bytes, entry: CachedAnswer, name_end: int, qtype: int) -> None:
+        """Note that the query ``wire`` over ``transport`` is answered from ``entry``.
+
+        The caller guarantees that ``wire`` is a plain query (see ``peek_query``)
+        whose question name ends at ``name_end`` and selects ``entry``.
+        """
+        if not self.max_bytes:
+            return
+        known = self.known_queries[transport]
+        if len(known) >= MAX_KNOWN_QUERIES:
+            known.clear()
+        known[wire[2:]] = (entry, name_end, qtype)
+
     def drop_bucket(self, bucket: str) -> None:
         for key in self._buckets.pop(bucket, ()):
-            entry = self._entries.pop(key)
-            self._size -= entry.size
+            self._let_go(self._entries.pop(key))
 
     def clear(self) -> None:
+        for entry in self._entries.values():
+            entry.live = False
         self._entries.clear()
         self._buckets.clear()
+        for known in self.known_queries.values():
+            known.clear()
         self._size = 0
 
     @property
@@ -202,9 +260,16 @@ class AnswerCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _let_go(self, entry: CachedAnswer) -> None:
+        # known_queries may still point at the entry until the query is answered
+        # again: marked dead, and without its responses, it costs little there.
+        entry.live = False
+        entry.variants = []
+        self._size -= entry.size
+
     def _remove(self, key: Hashable) -> None:
         entry = self._entries.pop(key)
-        self._size -= entry.size
+        self._let_go(entry)
         keys = self._buckets.get(entry.bucket)
         if keys is not None:
             keys.discard(key)

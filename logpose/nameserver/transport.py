@@ -24,9 +24,6 @@ MAX_RATE_LIMIT = 1_000_000  # responses per second and source
 _RATE_LIMIT_LOG_INTERVAL = 10.0  # seconds between two log lines about dropped responses
 
 
-# TODO: one process serves DNS on one core. Worker processes that share each port with
-# SO_REUSEPORT, each fed the catalog and its changes over a pipe, would use the other
-# cores. Until they exist, bench/BENCHMARKS.md has the single-process figures.
 class DnsServer:
     """UDP and TCP listeners on each (host, port) that pass every query to ``responder``.
 
@@ -37,6 +34,9 @@ class DnsServer:
     reading. Above ``max_tcp_connections`` open connections a new one is closed at once.
     With ``rate_limit`` above 0, each source address gets at most that many UDP responses
     per second, and the queries over it get no response at all (see ``ResponseRateLimiter``).
+    With ``reuse_port``, every socket is bound with SO_REUSEPORT, so other processes of
+    the same user can bind the same addresses and the kernel spreads clients over all
+    of them (see ``logpose.nameserver.workers``).
     """
 
     def __init__(
@@ -47,6 +47,7 @@ class DnsServer:
         tcp_idle_timeout: float = 10.0,
         max_tcp_connections: int = 256,
         rate_limit: int = 0,
+        reuse_port: bool = False,
     ) -> None:
         if not listen:
             raise ConfigError("dns_listen must name at least one host:port")
@@ -78,6 +79,7 @@ class DnsServer:
         self._rate_limiter = ResponseRateLimiter(rate_limit) if rate_limit else None
         self._rate_limit_log = LogThrottle(_RATE_LIMIT_LOG_INTERVAL)
         self._rejected_connections = 0
+        self._reuse_port = reuse_port
         self.bound_addresses: list[tuple[str, int]] = []
 
     def set_rate_limit(self, rate_limit: int) -> None:
@@ -120,10 +122,10 @@ class DnsServer:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
         attempts = PORT_PICK_ATTEMPTS if port == 0 else 1
         for attempt in range(1, attempts + 1):
-            udp_socket = _bound_socket(family, socket.SOCK_DGRAM, host, port)
+            udp_socket = _bound_socket(family, socket.SOCK_DGRAM, host, port, self._reuse_port)
             bound_port = udp_socket.getsockname()[1]
             try:
-                tcp_socket = _bound_socket(family, socket.SOCK_STREAM, host, bound_port)
+                tcp_socket = _bound_socket(family, socket.SOCK_STREAM, host, bound_port, self._reuse_port)
             except OSError as exc:
                 udp_socket.close()
                 if port != 0 or exc.errno != errno.EADDRINUSE or attempt == attempts:
@@ -272,7 +274,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         source = addr[0]
-        if not self._server._udp_allowed(source):
+        if self._server._rate_limiter is not None and not self._server._udp_allowed(source):
             return
         try:
             # A cached response needs no peer name, which only log lines use, and
@@ -299,7 +301,9 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             dns_log.debug("UDP socket error: %s", exc)
 
 
-def _bound_socket(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> socket.socket:
+def _bound_socket(
+    family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int, reuse_port: bool = False
+) -> socket.socket:
     """Return a non-blocking socket bound to (host, port), or raise OSError naming the address."""
     sock = socket.socket(family, kind)
     try:
@@ -309,6 +313,8 @@ def _bound_socket(family: socket.AddressFamily, kind: socket.SocketKind, host: s
             # Lets a restarted server bind while old connections sit in TIME_WAIT. Not set
             # for UDP, where it would let a second process share the port.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError as exc:

@@ -14,9 +14,11 @@ from pathlib import Path
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from logpose.api import build_app
 from logpose.api.access import AccessLogger
+from logpose.api.problems import Handler
 from logpose.auth import Authenticator, load_signing_key
 from logpose.config import Settings
 from logpose.errors import ConfigError, StoreUnavailableError
@@ -24,6 +26,7 @@ from logpose.health import MassFailureGuard
 from logpose.log import access_log, server_log
 from logpose.metrics import Metrics
 from logpose.nameserver import DnsServer, Responder, ZoneSettings
+from logpose.nameserver.workers import DnsWorkers
 from logpose.prober import Prober
 from logpose.registry import Registry
 from logpose.server.drain import RequestDrain
@@ -91,7 +94,7 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings] | No
     background: list[asyncio.Task[None]] = []
     reloads: set[asyncio.Task[None]] = set()  # client-table reloads the change feed asked for
     duties: ProberDuties | None = None
-    dns_server: DnsServer | None = None
+    dns_workers: DnsWorkers | None = None
     runner: web.AppRunner | None = None
     drain = RequestDrain()
     try:
@@ -152,8 +155,10 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings] | No
             recursor_timeout=settings.recursor_timeout,
         )
         responder = Responder(registry, zone)
+        metrics.watch_responder(responder)
         dns_server = DnsServer(
-            metrics.measure_responder(responder), list(settings.dns_listen), rate_limit=settings.dns_rate_limit
+            responder, list(settings.dns_listen), rate_limit=settings.dns_rate_limit,
+            reuse_port=settings.dns_workers > 1,
         )
         try:
             await dns_server.start()
@@ -161,9 +166,20 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings] | No
             # DnsServer.start() puts the protocol, the address and the reason in strerror.
             message = exc.strerror or f"cannot listen for DNS on {_format_listen(settings.dns_listen)}: {exc}"
             raise StartupError(message, EXIT_BIND) from exc
+        if settings.dns_workers > 1:
+            dns_workers = DnsWorkers(
+                registry, settings.dns_workers - 1, zone=zone, listen=dns_server.bound_addresses,
+                rate_limit=settings.dns_rate_limit, settings=settings, tally=metrics.dns,
+            )
+            try:
+                await dns_workers.start()
+            except OSError as exc:
+                raise StartupError(f"cannot start the DNS workers: {exc.strerror or exc}", EXIT_BIND) from exc
 
         app = build_app(registry, authenticator, metrics)
         app.middlewares.append(drain.middleware)
+        if dns_workers is not None:
+            app.middlewares.append(_await_workers(dns_workers))
         # The access logger stays attached even when access_log is off, so SIGHUP can turn it on.
         runner = web.AppRunner(
             app, access_log=access_log, access_log_class=AccessLogger, shutdown_timeout=HTTP_CLOSE_TIMEOUT
@@ -189,7 +205,7 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings] | No
         reloader = Reloader(
             settings,
             reload_settings or (lambda: settings),
-            ReloadTargets(registry, prober, responder, dns_server, zone),
+            ReloadTargets(registry, prober, responder, dns_server, zone, dns_workers),
             notifier,
         )
         background.append(asyncio.create_task(reloader.run(reload_requested), name="reload"))
@@ -210,6 +226,8 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings] | No
             await runner.cleanup()
         if dns_server is not None:
             await dns_server.close()
+        if dns_workers is not None:
+            await dns_workers.close()
         if duties is not None:
             duties.set_leader(False)
         for task in background:
@@ -224,6 +242,23 @@ async def serve(settings: Settings, reload_settings: Callable[[], Settings] | No
 
 
 NODE_ID_FILE_NAME = "node.id"
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _await_workers(workers: DnsWorkers) -> Middleware:
+    """Return a middleware that answers an HTTP write only once the DNS workers applied it.
+
+    So whichever process answers the client's next DNS query shows its change.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if request.method not in _READ_METHODS:
+            await workers.wait_applied()
+        return response
+
+    return middleware
 
 
 def _node_id(data_dir: Path) -> str:

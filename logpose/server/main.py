@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dns-rate-limit", metavar="N", help="UDP responses per second to one source address; 0 no limit (default 0)"
     )
     parser.add_argument(
+        "--dns-workers", metavar="N",
+        help="processes answering DNS, this one included, 1 to 64; above 1 they share the ports "
+        "with SO_REUSEPORT (default 1)",
+    )
+    parser.add_argument(
         "--recursors", metavar="HOST:PORT", action="append",
         help="resolvers asked in order for names outside the zone; comma-separated or repeated (default none: REFUSED)",
     )

@@ -25,6 +25,7 @@ from logpose.health import HealthDefaults
 from logpose.log import server_log
 from logpose.logsetup import configure_logging
 from logpose.nameserver import DnsServer, Responder, ZoneSettings
+from logpose.nameserver.workers import DnsWorkers
 from logpose.prober import Prober
 from logpose.registry import Registry
 from logpose.server.systemd import SystemdNotifier
@@ -58,6 +59,7 @@ class ReloadTargets:
     responder: Responder
     dns_server: DnsServer
     zone: ZoneSettings  # the zone settings the responder started with
+    dns_workers: DnsWorkers | None = None
 
 
 class Reloader:
@@ -141,8 +143,11 @@ class Reloader:
     def _apply(self, settings: Settings, changed: list[str], zone: ZoneSettings) -> None:
         targets = self._targets
         defaults = health_defaults_for(settings)
+        workers = targets.dns_workers
         if LOG_SETTINGS.intersection(changed):
             configure_logging(settings)
+            if workers is not None:
+                workers.configure_logging(settings)
         if HEALTH_SETTINGS.intersection(changed):
             targets.registry.health_defaults = defaults
             targets.registry.guard.configure(
@@ -153,9 +158,13 @@ class Reloader:
             targets.prober.reconfigure(settings.probe_concurrency)
         if {"dns_ttl", "dns_allow"}.intersection(changed):
             targets.responder.update_settings(zone)
+            if workers is not None:
+                workers.update_settings(zone)
             self._zone = zone
         if "dns_rate_limit" in changed:
             targets.dns_server.set_rate_limit(settings.dns_rate_limit)
+            if workers is not None:
+                workers.set_rate_limit(settings.dns_rate_limit)
 
 
 def describe(key: str, value: Any) -> str:
