@@ -61,16 +61,19 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def ask(server: ServerProcess, name: str, rdtype: str = "A", timeout: float = 2.0) -> dns.message.Message:
-    # dns.query.udp opens a new socket per call, on a port the kernel picks.
-    return dns.query.udp(dns.message.make_query(name, rdtype), "127.0.0.1", port=server.dns_port, timeout=timeout)
+def ask(
+    server: ServerProcess, name: str, rdtype: str = "A", timeout: float = 2.0, tcp: bool = False
+) -> dns.message.Message:
+    # dnspython opens a new socket per call, on a port the kernel picks.
+    query = dns.query.tcp if tcp else dns.query.udp
+    return query(dns.message.make_query(name, rdtype), "127.0.0.1", port=server.dns_port, timeout=timeout)
 
 
 def all_answers(server: ServerProcess, name: str, rdtype: str = "A") -> set[tuple[int, tuple[str, ...]]]:
-    """Ask SAMPLES times from distinct ports; return the distinct (rcode, sorted records) seen."""
+    """Ask SAMPLES times from distinct ports, a quarter over TCP; return the distinct (rcode, sorted records) seen."""
     seen = set()
-    for _ in range(SAMPLES):
-        reply = ask(server, name, rdtype)
+    for number in range(SAMPLES):
+        reply = ask(server, name, rdtype, tcp=number % 4 == 0)
         seen.add((reply.rcode(), tuple(sorted(rdata.to_text() for rrset in reply.answer for rdata in rrset))))
     return seen
 
