@@ -233,7 +233,7 @@ def test_sighup_reaches_the_workers(server_factory, tmp_path):
 
 
 @pytest.mark.parametrize("value", ["0", "65", "two"])
-def test_bad_worker_count_is_refused(tmp_path, value):
+def test_bad_worker_count_is_rejected(tmp_path, value):
     finished = subprocess.run(
         [sys.executable, "-m", "logpose.server.main", "--data-dir", str(tmp_path / "data"), "--dns-workers", value],
         capture_output=True, text=True, timeout=30,
@@ -245,7 +245,7 @@ def test_bad_worker_count_is_refused(tmp_path, value):
     assert not (tmp_path / "data").exists()
 
 
-def test_worker_module_refuses_to_run_alone():
+def test_worker_module_exits_without_a_start_message():
     started = time.monotonic()
     finished = subprocess.run(
         [sys.executable, "-m", WORKER_MODULE], input=b"", capture_output=True, timeout=30,
