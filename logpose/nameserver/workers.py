@@ -49,6 +49,7 @@ from logpose.registry import CatalogSnapshot, Change, ChangeRecord, Registry
 MAX_WORKERS = 64  # dns_workers at most, the server process included
 READY_TIMEOUT = 60.0  # seconds for a worker to load the catalog and bind
 RESTART_DELAY = 1.0  # seconds before a worker that ended is started again
+MAX_RESTART_DELAY = 30.0  # seconds between attempts at most, for a worker that keeps failing to start
 STOP_TIMEOUT = 5.0  # seconds for a worker to exit after its stdin closes
 APPLY_TIMEOUT = 1.0  # seconds an HTTP write waits for the workers to apply it
 TALLY_PERIOD = 1.0  # seconds between two reports of a worker's response counts
@@ -115,6 +116,7 @@ class DnsWorkers:
         self._logging = log_settings(settings)
         self._tally = tally
         self._workers: dict[int, _Worker] = {}
+        self._restarts: set[asyncio.Task[None]] = set()  # strong references until they end
         self._unsubscribe: Any = None
         self._closing = False
         self._sent = 0  # number of the last change message sent
@@ -178,6 +180,8 @@ class DnsWorkers:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        for task in list(self._restarts):
+            task.cancel()
         workers = list(self._workers.values())
         self._workers.clear()
         await asyncio.gather(*(worker.stop() for worker in workers))
@@ -231,19 +235,25 @@ class DnsWorkers:
             worker.number, worker.pid, returncode, RESTART_DELAY,
         )
         del self._workers[worker.number]
-        asyncio.get_running_loop().create_task(self._restart(worker.number), name=f"dns-worker-{worker.number}")
+        task = asyncio.get_running_loop().create_task(self._restart(worker.number), name=f"dns-worker-{worker.number}")
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
 
     async def _restart(self, number: int) -> None:
-        await asyncio.sleep(RESTART_DELAY)
-        if self._closing or number in self._workers:
-            return
-        try:
-            await self._start_worker(number)
-        except OSError as exc:
-            dns_log.error("DNS worker %d could not start again: %s", number, exc.strerror or exc)
-            self._workers.pop(number, None)
-            if not self._closing:
-                asyncio.get_running_loop().create_task(self._restart(number), name=f"dns-worker-{number}")
+        delay = RESTART_DELAY
+        while True:
+            await asyncio.sleep(delay)
+            if self._closing or number in self._workers:
+                return
+            try:
+                await self._start_worker(number)
+                return
+            except OSError as exc:
+                self._workers.pop(number, None)
+                delay = min(delay * 2, MAX_RESTART_DELAY)
+                dns_log.error(
+                    "DNS worker %d could not start again, next attempt in %.0f s: %s", number, delay, exc.strerror or exc
+                )
 
 
 class _Worker:
