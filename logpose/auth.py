@@ -207,12 +207,16 @@ def load_signing_key(data_dir: Path, configured: str | None) -> bytes:
 
 # ----- the authenticator -----------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _VerifiedToken:
     subject: str
     secret_version: str
     token_id: str
     expires_at: int  # Unix time, seconds
+    # The client entry that the secret version was last checked against, and the
+    # principal built from it; both are replaced when the client's entry changes.
+    client: _KnownClient | None = None
+    principal: Principal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,15 +393,23 @@ class Authenticator:
         verified = self._verified.get(token)
         if verified is None or time.time() > verified.expires_at + CLOCK_SKEW_LEEWAY:
             verified = self._decode(token)
+        # Revocation is checked on every request, cached signature or not. Every
+        # client write and reload puts a new entry in the table, so while the
+        # entry is the one checked before, neither the client nor its secret changed.
+        known = self._clients.get(verified.subject)
+        if known is not None and known is verified.client:
+            return verified.principal
         subject, version = verified.subject, verified.secret_version
-        # Revocation is checked on every request, cached signature or not.
-        known = self._clients.get(subject)
         if known is None or not hmac.compare_digest(known.secret_version.encode(), version.encode()):
             raise AuthenticationError(
                 f"the token was revoked: client {subject!r} was removed or its secret rotated; request a new token"
             )
         record = known.record
-        return Principal(record.common_name, record.role, record.services, verified.token_id, verified.expires_at)
+        verified.principal = Principal(
+            record.common_name, record.role, record.services, verified.token_id, verified.expires_at
+        )
+        verified.client = known
+        return verified.principal
 
     def _decode(self, token: str) -> _VerifiedToken:
         """Check the token's signature and claims, and remember the result for later requests."""

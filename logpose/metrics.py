@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -51,7 +51,6 @@ RCODE_NAMES = {
 }
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"  # route label of a request that matched no route (404, 405)
-MAX_CACHED_LABEL_SETS = 1000  # label sets whose metric children are kept
 # DNS responses are tallied by raw (transport, type, code) numbers; past this many
 # distinct ones the tally is folded into label names, which form a closed set.
 MAX_DNS_RAW_KEYS = 1000
@@ -61,24 +60,16 @@ class Metrics:
     """The metric objects of one server, and the hooks that feed them.
 
     ``registry`` is the LogPose catalog. Methods are called on the event loop's
-    thread; prometheus-client takes its own locks, so ``render`` may also run
-    from another thread.
+    thread, and so is ``render``, because the DNS and HTTP tallies take no locks.
     """
 
     def __init__(self, registry: Registry) -> None:
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see _child
         self.collectors = CollectorRegistry()
         collectors = self.collectors
         self.dns = DnsTally()
         collectors.register(self.dns)
-        self.http_requests = Counter(
-            "logpose_http_requests", "HTTP requests answered, by method, route pattern and status",
-            ("method", "route", "status"), registry=collectors,
-        )
-        self.http_seconds = Histogram(
-            "logpose_http_request_seconds", "Time to answer an HTTP request, by method and route pattern",
-            ("method", "route"), buckets=HTTP_SECONDS_BUCKETS, registry=collectors,
-        )
+        self.http = HttpTally()
+        collectors.register(self.http)
         self.registrations = Counter(
             "logpose_registrations", "Successful registrations over the HTTP API: created or updated instances",
             ("result",), registry=collectors,
@@ -99,8 +90,9 @@ class Metrics:
             "logpose_store_commit_batch_size", "Writes committed together in one store transaction",
             buckets=BATCH_SIZE_BUCKETS, registry=collectors,
         )
-        for result in ("created", "updated"):
-            self.registrations.labels(result)
+        # Both children made once: labels() takes a lock and builds a key on every call.
+        self._registrations_created = self.registrations.labels("created")
+        self._registrations_updated = self.registrations.labels("updated")
         self._catalog = _CatalogCollector(registry)
         collectors.register(self._catalog)
         ProcessCollector(registry=collectors)
@@ -140,27 +132,10 @@ class Metrics:
 
     def observe_http(self, method: str, route: str | None, status: int, seconds: float) -> None:
         """Count and time one HTTP request; ``route`` is the matched pattern, None when none matched."""
-        method = method if method in HTTP_METHODS else "other"
-        route = route if route is not None else UNMATCHED_ROUTE
-        self._child(self.http_requests, (method, route, str(status))).inc()
-        self._child(self.http_seconds, (method, route)).observe(seconds)
-
-    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
-        """Return ``metric.labels(*labels)``, kept: labels() takes a lock and builds a key on every call.
-
-        Label values come from fixed sets, so the number of children stays small;
-        past MAX_CACHED_LABEL_SETS they are looked up each time instead of kept.
-        """
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = metric.labels(*labels)
-            if len(self._children) < MAX_CACHED_LABEL_SETS:
-                self._children[key] = child
-        return child
+        self.http.observe(method, route, status, seconds)
 
     def observe_registration(self, created: bool) -> None:
-        self.registrations.labels("created" if created else "updated").inc()
+        (self._registrations_created if created else self._registrations_updated).inc()
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """Return the exposition in the format that the ``Accept`` header requests, and its content type."""
@@ -184,6 +159,68 @@ class Metrics:
         self._health[instance.id] = instance.health
         if change.kind is ChangeKind.HEALTH and previous is not None and previous is not instance.health:
             self.health_transitions.labels(previous.value, instance.health.value).inc()
+
+
+class HttpTally:
+    """Counts and times HTTP requests with plain numbers, exported at scrape time.
+
+    ``observe`` runs once per request, so like ``DnsTally`` it only adds to
+    dictionaries and a list. Methods outside HTTP_METHODS count as "other" and
+    routes are patterns, so the keys form a closed set. ``collect`` copies the
+    tallies before reading them and is meant to run on the event loop's thread,
+    as ``observe`` does, so a histogram is never read half updated.
+    """
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, str, int], int] = {}  # by (method, route, status)
+        self._timings: dict[tuple[str, str], _Timing] = {}  # by (method, route)
+
+    def observe(self, method: str, route: str | None, status: int, seconds: float) -> None:
+        """Count one request whose response had ``status`` and took ``seconds``; ``route`` is None when none matched."""
+        if method not in HTTP_METHODS:
+            method = "other"
+        if route is None:
+            route = UNMATCHED_ROUTE
+        requests = self._requests
+        key = (method, route, status)
+        requests[key] = requests.get(key, 0) + 1
+        timing = self._timings.get((method, route))
+        if timing is None:
+            timing = self._timings[(method, route)] = _Timing()
+        timing.buckets[bisect.bisect_left(HTTP_SECONDS_BUCKETS, seconds)] += 1
+        timing.seconds += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "logpose_http_requests", "HTTP requests answered, by method, route pattern and status",
+            labels=("method", "route", "status"),
+        )
+        for (method, route, status), count in dict(self._requests).items():
+            requests.add_metric((method, route, str(status)), count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "logpose_http_request_seconds", "Time to answer an HTTP request, by method and route pattern",
+            labels=("method", "route"),
+        )
+        bounds = [floatToGoString(bound) for bound in (*HTTP_SECONDS_BUCKETS, float("inf"))]
+        for labels, timing in dict(self._timings).items():
+            cumulative = 0
+            buckets = []
+            for bound, count in zip(bounds, timing.buckets):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            durations.add_metric(labels, buckets, timing.seconds)
+        yield durations
+
+
+class _Timing:
+    """Observations of one (method, route): a count per bucket of HTTP_SECONDS_BUCKETS, one above, and their sum."""
+
+    __slots__ = ("buckets", "seconds")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(HTTP_SECONDS_BUCKETS) + 1)
+        self.seconds = 0.0
 
 
 class DnsTally:
@@ -320,4 +357,4 @@ class _CatalogCollector:
             )
 
 
-__all__ = ["DnsTally", "Metrics"]
+__all__ = ["DnsTally", "HttpTally", "Metrics"]

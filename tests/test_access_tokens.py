@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import json
 import time
 from typing import Iterator
@@ -12,6 +14,9 @@ import jwt
 import pytest
 
 from conftest import ServerProcess
+from logpose.auth import Authenticator
+from logpose.errors import AuthenticationError
+from logpose.model import ClientRecord
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +172,57 @@ def test_revocation_survives_restart(server_factory):
 
     assert call_with(server, kept_token).status_code == 200
     assert call_with(server, stale_token).status_code == 401
+
+
+# ----- the verified-token cache -----------------------------------------------------
+
+class MemoryDirectory:
+    """Client records in a dictionary, in place of the store."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, ClientRecord] = {}
+
+    async def get_client(self, common_name: str) -> ClientRecord | None:
+        return self.records.get(common_name)
+
+    async def list_clients(self) -> list[ClientRecord]:
+        return list(self.records.values())
+
+    async def create_client(self, client: ClientRecord) -> None:
+        self.records[client.common_name] = client
+
+    async def update_client(self, client: ClientRecord) -> bool:
+        if client.common_name not in self.records:
+            return False
+        self.records[client.common_name] = client
+        return True
+
+    async def delete_client(self, common_name: str) -> bool:
+        return self.records.pop(common_name, None) is not None
+
+
+def test_cached_token_follows_client_table():
+    """A token verified before takes the client's current role, and fails once its secret is rotated."""
+    directory = MemoryDirectory()
+    authenticator = Authenticator(directory, b"k" * 64, 3600)
+
+    async def scenario():
+        _client, secret = await authenticator.create_client("cached", "registrar", ("web",))
+        token = await authenticator.issue_token("cached", secret, "127.0.0.1")
+        first = authenticator.verify_token(token)
+        again = authenticator.verify_token(token)
+        # Another node made the client a reader, with the same secret.
+        record = directory.records["cached"]
+        directory.records["cached"] = dataclasses.replace(record, role="reader", services=("*",))
+        await authenticator.load_clients()
+        reloaded = authenticator.verify_token(token)
+        await authenticator.rotate_secret("cached")
+        return token, first, again, reloaded
+
+    token, first, again, reloaded = asyncio.run(scenario())
+
+    assert again is first
+    assert (first.role, first.services) == ("registrar", ("web",))
+    assert (reloaded.role, reloaded.services) == ("reader", ("*",))
+    with pytest.raises(AuthenticationError, match="revoked"):
+        authenticator.verify_token(token)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 import os
@@ -16,7 +18,8 @@ import pytest
 
 from logpose.config import load_settings
 from logpose.errors import ConfigError
-from logpose.logsetup import JsonFormatter, stderr_is_journal
+from conftest import wait_until
+from logpose.logsetup import BufferedStreamHandler, JsonFormatter, stderr_is_journal
 
 TIME_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 JSON_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -145,6 +148,60 @@ def test_reconfigure_resets_loggers_no_longer_named():
     assert result.stdout.split("\n")[0] == "(10, True) (30, False) 1", result.stderr
 
 
+def buffered_handler() -> tuple[BufferedStreamHandler, io.StringIO]:
+    stream = io.StringIO()
+    handler = BufferedStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    return handler, stream
+
+
+def named_record(name: str, message: str) -> logging.LogRecord:
+    return logging.LogRecord(name, logging.INFO, __file__, 1, message, (), None)
+
+
+async def wait_for_output(stream: io.StringIO, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if stream.getvalue():
+            return
+        await asyncio.sleep(0.05)
+
+
+def test_buffered_handler_holds_access_lines_in_order():
+    async def scenario() -> list[str]:
+        handler, stream = buffered_handler()
+        handler.handle(named_record("logpose.access", "first request"))
+        held = stream.getvalue()
+        handler.handle(named_record("logpose.server", "shutting down"))
+        both = stream.getvalue()
+        handler.handle(named_record("logpose.access", "last request"))
+        handler.flush()
+        return [held, both, stream.getvalue()]
+
+    held, both, flushed = asyncio.run(scenario())
+
+    assert held == ""
+    assert both == "logpose.access first request\nlogpose.server shutting down\n"
+    assert flushed == both + "logpose.access last request\n"
+
+
+def test_buffered_handler_writes_held_lines_on_timer():
+    async def scenario() -> str:
+        handler, stream = buffered_handler()
+        handler.handle(named_record("logpose.access", "request"))
+        await wait_for_output(stream)
+        return stream.getvalue()
+
+    assert asyncio.run(scenario()) == "logpose.access request\n"
+
+
+def test_buffered_handler_writes_at_once_outside_event_loop():
+    handler, stream = buffered_handler()
+
+    handler.handle(named_record("logpose.access", "request"))
+
+    assert stream.getvalue() == "logpose.access request\n"
+
+
 # ----- a real server ------------------------------------------------------------------
 
 
@@ -200,3 +257,24 @@ def test_server_under_journald_omits_time_stamps(server_factory, tmp_path):
     assert lines
     assert any(line.startswith("INFO logpose.server: LogPose ready") for line in lines)
     assert not [line for line in lines if TIME_STAMP.match(line)]
+
+
+def test_access_log_complete_after_stop(server_factory):
+    server = server_factory()
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        for number in range(300):
+            assert client.get(f"/healthz?request={number}").status_code == 200
+
+    lines = stopped_log(server)
+
+    numbers = [line.split("request=")[1].split(" ")[0] for line in lines if "GET /healthz?request=" in line]
+    assert sorted(numbers, key=int) == [str(number) for number in range(300)]
+
+
+def test_access_line_written_while_running(server_factory):
+    server = server_factory()
+    assert httpx.get(server.url + "/healthz?running=1", timeout=5).status_code == 200
+
+    written = wait_until(lambda: "GET /healthz?running=1 HTTP/1.1" in server.log(), 10)
+
+    assert written, server.log()

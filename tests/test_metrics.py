@@ -15,7 +15,7 @@ from dnslib import EDNS0, RCODE, DNSRecord
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess, TcpListener, wait_until
-from logpose.metrics import DnsTally, Metrics
+from logpose.metrics import DnsTally, HttpTally, Metrics
 from logpose.nameserver.cache import describe_response
 from logpose.registry import Registry
 
@@ -224,6 +224,29 @@ def test_dns_tally_names_numbers_and_stays_bounded():
     assert scrape.value("logpose_dns_response_seconds_bucket", le="2.5") == 5003
     assert scrape.value("logpose_dns_response_seconds_bucket", le="+Inf") == 5004
     assert scrape.value("logpose_dns_response_seconds_sum") == pytest.approx(0.00005 + 0.003 + 0.2 + 5.0 + 5.0)
+
+
+def test_http_tally_counts_and_times():
+    tally = HttpTally()
+    tally.observe("GET", "/api/discover/{code}", 200, 0.0004)
+    tally.observe("GET", "/api/discover/{code}", 200, 0.02)
+    tally.observe("GET", "/api/discover/{code}", 404, 0.001)
+    tally.observe("POST", None, 405, 12.0)
+
+    scrape = Scrape(_render(tally))
+
+    requests = "logpose_http_requests_total"
+    route = "/api/discover/{code}"
+    assert scrape.value(requests, method="GET", route=route, status="200") == 2
+    assert scrape.value(requests, method="GET", route=route, status="404") == 1
+    assert scrape.value(requests, method="POST", route="unmatched", status="405") == 1
+    seconds = "logpose_http_request_seconds"
+    assert scrape.value(f"{seconds}_count", method="GET", route=route) == 3
+    assert scrape.value(f"{seconds}_bucket", method="GET", route=route, le="0.001") == 2
+    assert scrape.value(f"{seconds}_bucket", method="GET", route=route, le="0.025") == 3
+    assert scrape.value(f"{seconds}_bucket", method="POST", route="unmatched", le="10.0") == 0
+    assert scrape.value(f"{seconds}_bucket", method="POST", route="unmatched", le="+Inf") == 1
+    assert scrape.value(f"{seconds}_sum", method="GET", route=route) == pytest.approx(0.0214)
 
 
 def _render(collector) -> str:

@@ -93,20 +93,21 @@ def _from_http_exception(error: web.HTTPException) -> web.Response:
     return problem_response(error.status, problem, error.reason, detail, headers=headers)
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every error, ours or the framework's, into an ``application/problem+json`` answer."""
-    try:
-        return await handler(request)
-    except LogPoseError as error:
+def error_response(request: web.Request, error: Exception) -> web.Response:
+    """Return the ``application/problem+json`` answer for ``error``, ours or the framework's.
+
+    An error that is neither a LogPoseError nor a web.HTTPException is a bug:
+    it is logged with the request and answered 500. The caller re-raises a
+    web.HTTPException below 400 (a redirect) instead of calling this.
+    """
+    if isinstance(error, LogPoseError):
         if isinstance(error, StoreUnavailableError) and http_log.isEnabledFor(logging.DEBUG):
             # The store logs each change of database reachability once; per request is DEBUG.
             http_log.debug("%s %s failed, database unavailable: %s", request.method, request.path, error.detail)
         return _from_logpose_error(error)
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
+    if isinstance(error, web.HTTPException):
         return _from_http_exception(error)
-    except Exception:
-        http_log.exception("Unhandled error in %s %s from %s", request.method, request.path, request.remote)
-        return problem_response(500, "internal", "Internal Server Error", "the server failed; see its log")
+    http_log.error(
+        "Unhandled error in %s %s from %s", request.method, request.path, request.remote, exc_info=error
+    )
+    return problem_response(500, "internal", "Internal Server Error", "the server failed; see its log")

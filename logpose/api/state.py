@@ -17,7 +17,7 @@ import time
 from aiohttp import web
 
 from logpose.api.discovery import DiscoveryCache
-from logpose.api.problems import Handler
+from logpose.api.problems import Handler, error_response
 from logpose.auth import Authenticator, Principal
 from logpose.errors import AuthenticationError
 from logpose.metrics import Metrics
@@ -73,40 +73,56 @@ def _authorize(principal: Principal, request: web.Request) -> None:
     principal.require_admin(f"{request.method} {route}")
 
 
-@web.middleware
-async def authentication_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Require a valid Bearer token on every route but the public ones, and apply the route's role rule."""
-    if request.path in PUBLIC_PATHS or request.match_info.http_exception is not None:
-        return await handler(request)
+def _authenticate(request: web.Request, authenticator: Authenticator) -> Principal:
+    """Return the principal of the request's Bearer token, after applying the route's role rule."""
     header = request.headers.get("Authorization")
     if header is None:
         raise AuthenticationError("missing Authorization header; send 'Authorization: Bearer <token>'")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError("malformed Authorization header; expected 'Bearer <token>'")
-    principal = request.app[AUTHENTICATOR].verify_token(token.strip())
+    principal = authenticator.verify_token(token.strip())
     _authorize(principal, request)
-    request[PRINCIPAL_KEY] = principal
-    return await handler(request)
+    return principal
 
 
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every request by method, route pattern (never the raw path) and final status.
+class ApiMiddleware:
+    """The API's one middleware: authentication, problem details, and request metrics.
 
-    A request cancelled because its client hung up has no status and is not counted.
+    Each aiohttp middleware adds a coroutine and a wrapper call to every
+    request, so the three steps share one layer. In order:
+
+    - every route but the public ones needs a valid Bearer token, and the
+      route's role rule is applied before the handler runs;
+    - every error, ours or the framework's, becomes an
+      ``application/problem+json`` response (``error_response``);
+    - every request is counted and timed by method, route pattern (never the
+      raw path) and the final status, after the error became a response. A
+      request cancelled because its client hung up has no status and is not counted.
     """
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        _observe_request(request, exc.status, started)
-        raise
-    _observe_request(request, response.status, started)
-    return response
 
+    def __init__(self, authenticator: Authenticator, metrics: Metrics) -> None:
+        self._authenticator = authenticator
+        self._observe = metrics.observe_http
 
-def _observe_request(request: web.Request, status: int, started: float) -> None:
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else None
-    request.app[METRICS].observe_http(request.method, route, status, time.perf_counter() - started)
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            if request.path not in PUBLIC_PATHS and request.match_info.http_exception is None:
+                request[PRINCIPAL_KEY] = _authenticate(request, self._authenticator)
+            response = await handler(request)
+        except web.HTTPException as error:
+            if error.status < 400:
+                self._observe_request(request, error.status, started)
+                raise
+            response = error_response(request, error)
+        except Exception as error:
+            response = error_response(request, error)
+        self._observe_request(request, response.status, started)
+        return response
+
+    def _observe_request(self, request: web.Request, status: int, started: float) -> None:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else None
+        self._observe(request.method, route, status, time.perf_counter() - started)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -11,7 +13,14 @@ from logpose.model import Health, Instance, Service
 
 def format_time(timestamp: float) -> str:
     """Return an RFC 3339 UTC time with second precision, e.g. ``2026-12-04T20:00:00Z``."""
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _format_second(math.floor(timestamp))
+
+
+# An instance's times repeat across many views (registered_at equals updated_at
+# until the first update), so formatted seconds are kept.
+@functools.lru_cache(maxsize=4096)
+def _format_second(second: int) -> str:
+    return datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def optional_time(timestamp: float | None) -> str | None:

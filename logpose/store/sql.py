@@ -113,7 +113,13 @@ class SqlStore:
             # of hanging while PostgreSQL is down.
             connect_args = {} if self.is_sqlite else {"timeout": 5, "command_timeout": 15}
             self._engine = create_async_engine(
-                self._url, pool_pre_ping=not self.is_sqlite, connect_args=connect_args
+                self._url,
+                pool_pre_ping=not self.is_sqlite,
+                connect_args=connect_args,
+                # Every connection here ends its transaction before it returns to the pool,
+                # because the context commits it or Connection.close() rolls it back. A
+                # ROLLBACK by the pool would add a round trip to aiosqlite's thread per commit.
+                pool_reset_on_return=None if self.is_sqlite else "rollback",
             )
         except (NoSuchModuleError, ModuleNotFoundError) as exc:
             raise ConfigError(f"database_url: the driver for {self.safe_url} is not installed ({exc})") from exc
@@ -226,7 +232,7 @@ class SqlStore:
         of the same batch inserts. A conflict raises ConflictError, and the
         caller then redoes the batch write by write.
         """
-        first = await self._lock_index(connection) + 1
+        first = await self._claim_indexes(connection, len(writes))
         indexes = list(range(first, first + len(writes)))
         plan = _GroupedWrites()
         for index, write in zip(indexes, writes):
@@ -242,7 +248,7 @@ class SqlStore:
         for index, row in plan.upserted_services:
             await self._upsert(connection, schema.services, "code", row, index)
         if plan.inserted_instances:
-            await connection.execute(sa.insert(schema.instances), plan.inserted_instances)
+            await connection.execute(_INSTANCE_INSERT, plan.inserted_instances)
         if plan.updated_instances:
             updated = await connection.execute(_INSTANCE_UPDATE, plan.updated_instances)
             if updated.rowcount not in (-1, len(plan.updated_instances)):
@@ -250,13 +256,22 @@ class SqlStore:
         if plan.health_updates:
             await connection.execute(_HEALTH_UPDATE, plan.health_updates)
         if plan.changes:
-            await connection.execute(sa.insert(schema.changes), plan.changes)
-        last = indexes[-1]
-        await connection.execute(
-            sa.update(schema.catalog_state).where(schema.catalog_state.c.id == 1).values(change_index=last)
-        )
-        await self._finish_changes(connection, first, last)
+            await connection.execute(_CHANGE_INSERT, plan.changes)
+        await self._finish_changes(connection, first, indexes[-1])
         return indexes
+
+    async def _claim_indexes(self, connection: Any, count: int) -> int:
+        """Advance the change index by ``count`` and return the first of them, holding its row until commit.
+
+        The UPDATE locks the row as FOR UPDATE does, so concurrent writers on
+        other nodes queue here and indexes follow commit order, and with
+        RETURNING one statement both reads and stores the index.
+        """
+        last = (await connection.execute(_CLAIM_INDEXES, {"count": count})).scalar()
+        if last is None:
+            last = count
+            await connection.execute(sa.insert(schema.catalog_state).values(id=1, change_index=last))
+        return last - count + 1
 
     async def _lock_index(self, connection: Any) -> int:
         """Return the current change index, holding its row until commit."""
@@ -548,6 +563,16 @@ class _GroupMismatch(Exception):
     """The grouped statements did not touch the rows expected; redo the batch write by write."""
 
 
+# Statements of every batch commit, built once, so SQLAlchemy also computes
+# their cache keys once instead of per batch.
+_CLAIM_INDEXES = (
+    sa.update(schema.catalog_state)
+    .where(schema.catalog_state.c.id == 1)
+    .values(change_index=schema.catalog_state.c.change_index + sa.bindparam("count"))
+    .returning(schema.catalog_state.c.change_index)
+)
+_INSTANCE_INSERT = sa.insert(schema.instances)
+_CHANGE_INSERT = sa.insert(schema.changes)
 _INSTANCE_UPDATE_COLUMNS = [
     column.name for column in schema.instances.columns if column.name not in ("id", "created_index")
 ]
