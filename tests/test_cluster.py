@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from conftest import TcpListener, free_port, wait_until
+from test_dns_workers import all_answers
 
 POSTGRES_URL = os.environ.get("LOGPOSE_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(POSTGRES_URL is None, reason="LOGPOSE_TEST_POSTGRES_URL is not set")
@@ -60,10 +61,10 @@ def cluster(server_factory, database_url):
     key = secrets.token_hex(32)
     nodes = []
 
-    def start(count: int = 2, url: str | None = None):
+    def start(count: int = 2, url: str | None = None, extra_args: tuple[str, ...] = ()):
         for _ in range(count):
             node = server_factory(
-                f"node{len(nodes)}", ["--database-url", url or database_url], {"LOGPOSE_JWT_KEY": key}
+                f"node{len(nodes)}", ["--database-url", url or database_url, *extra_args], {"LOGPOSE_JWT_KEY": key}
             )
             nodes.append(node)
         return nodes
@@ -107,6 +108,23 @@ def test_write_on_one_node_answered_by_another(cluster, tcp_listener):
         assert status["shared_database"] is True
         assert status["id"] != api_a.get("/api/status").json()["node"]["id"]
         assert wait_until(lambda: api_b.get("/api/status").json()["node"]["lag"] == 0, timeout=3)
+
+
+def test_dns_workers_follow_writes_on_another_node(cluster):
+    node_a, node_b = cluster(2, extra_args=("--dns-workers", "3"))
+    with client(node_b, token_of(node_a)) as api_b:
+        created = api_b.post(
+            "/api/services/remote/instances",
+            json={"address": "10.30.0.1:80", "protocol": "Http", "check": {"type": "none"}},
+        )
+        assert created.status_code == 201, created.text
+        reported = api_b.post(f"/api/instances/{created.json()['id']}/health", json={"status": "Healthy"})
+        assert reported.status_code == 200, reported.text
+
+        # Node A learns the change from the database's change feed and passes it to its workers.
+        assert wait_until(
+            lambda: all_answers(node_a, f"remote.{ZONE}") == {(dns.rcode.NOERROR, ("10.30.0.1",))}, timeout=10
+        ), node_a.log()
 
 
 def test_exactly_one_node_probes(cluster):
