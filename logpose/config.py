@@ -312,6 +312,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        # TOML files are UTF-8 (TOML 1.0, "Spec"); tomllib raises this before parsing.
+        raise ConfigError(
+            f"configuration file {path} is not valid TOML: byte {exc.start} is not UTF-8 text"
+        ) from exc
     unknown = sorted(set(document) - set(SETTING_KEYS))
     if unknown:
         raise ConfigError(

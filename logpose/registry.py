@@ -608,9 +608,11 @@ class Registry:
         updated = self.record_check_result(instance_id, health is Health.HEALTHY, output, now) or instance
         updated = replace(updated, last_report_at=now)
         self._put_instance(updated)
-        if self._store is not None:
+        if self._store is not None and self.node.shared:
             # Written even without a transition, so the node that runs the TTL
-            # deadlines sees reports that reached any node.
+            # deadlines sees reports that reached any node. A node alone writes
+            # transitions only (see _set_health), so a report that changes no
+            # health moves neither the change index nor the SOA serial.
             self._pending_health[instance_id] = HealthUpdate(
                 instance_id, updated.service, updated.health, updated.output, now, now
             )

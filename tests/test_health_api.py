@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import dns.message
 import dns.query
 import dns.rcode
@@ -113,3 +115,28 @@ def test_deregister_after(server_factory):
         gone = wait_until(lambda: api.get(f"/api/instances/{instance['id']}").status_code == 404, timeout=6)
         assert gone
     assert "deregister_after" in server.log()
+
+
+def test_reports_without_transition_keep_the_index(server, api):
+    instance = register(api, "steady", {"address": "10.40.0.1:80", "protocol": "Http", "check": {"type": "none"}})
+    path = f"/api/instances/{instance['id']}/health"
+    assert api.post(path, json={"status": "Healthy", "output": "up"}).status_code == 200
+
+    def index() -> str:
+        return api.get("/api/discover/steady").headers["X-LogPose-Index"]
+
+    def serial() -> int:
+        query = dns.message.make_query(ZONE, "SOA")
+        reply = dns.query.udp(query, "127.0.0.1", port=server.dns_port, timeout=3)
+        return reply.answer[0][0].serial
+
+    # The transition to Healthy is written behind; wait until its index settles.
+    assert wait_until(lambda: index() == index(), timeout=5)
+    time.sleep(0.3)
+    before = (index(), serial())
+    for output in ("up", "still up", "up again"):
+        assert api.post(path, json={"status": "Healthy", "output": output}).status_code == 200
+    time.sleep(0.3)
+
+    assert (index(), serial()) == before
+    assert api.get(f"/api/instances/{instance['id']}").json()["output"] == "up again"

@@ -339,10 +339,14 @@ def test_check_config_accepts_example():
     ("tls_cert = \"/nonexistent/server.crt\"\ntls_key = \"/nonexistent/server.key\"\n", "tls_cert"),
     ("database_url = \"mysql://db/logpose\"\n", "database_url"),
     ("dns_ttl = \n", "not valid TOML"),
+    (b"\xff\xfe dns_ttl = 5\n", "byte 0 is not UTF-8 text"),
 ])
 def test_check_config_rejects_with_one_line(tmp_path, content, fragment):
     path = tmp_path / "bad.toml"
-    path.write_text(content)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
 
     result = check_config(path)
     lines = result.stderr.strip().splitlines()

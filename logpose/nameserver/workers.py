@@ -7,9 +7,9 @@ over them by their address and port, so DNS uses more than one core.
 
 A worker keeps a read-only copy of the catalog in a ``Registry`` without a store.
 The server writes to the worker's stdin: the start settings, the whole catalog,
-then every change as the registry applies it, each as the current rows of what
-the change touched, which ``Registry.apply_records`` applies in order like the
-cluster change feed. The worker writes to its stdout that it is ready, the
+then every change as the registry applies it. A change travels as the current
+rows of what it touched, and the worker applies them in order with
+``Registry.apply_records``, as the cluster change feed does. The worker writes to its stdout that it is ready, the
 number of each change message it applied, and once a second its DNS response
 counts, which the server adds to its metrics. Both directions carry
 length-prefixed pickles between processes of one installation.
@@ -227,12 +227,15 @@ class DnsWorkers:
             return
         if returncode == 0:
             # Stopped on purpose, by a signal to it or to the whole service.
-            dns_log.info("DNS worker %d (pid %s) stopped", worker.number, worker.pid)
             del self._workers[worker.number]
+            dns_log.info(
+                "DNS worker %d (pid %s) stopped; %d of %d DNS processes remain until a restart",
+                worker.number, worker.pid, len(self._workers) + 1, self._count + 1,
+            )
             return
         dns_log.error(
-            "DNS worker %d (pid %s) exited with code %s; starting it again in %.0f s",
-            worker.number, worker.pid, returncode, RESTART_DELAY,
+            "DNS worker %d (pid %s) %s; starting it again in %.0f s",
+            worker.number, worker.pid, _describe_exit(returncode), RESTART_DELAY,
         )
         del self._workers[worker.number]
         task = asyncio.get_running_loop().create_task(self._restart(worker.number), name=f"dns-worker-{worker.number}")
@@ -333,6 +336,16 @@ class _Worker:
         self.running = False
         owner._progress.set()  # a write waiting for this worker waits no more
         owner._worker_ended(self, await process.wait())
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"was killed by signal {-returncode} ({name})"
+    return f"exited with code {returncode}"
 
 
 # ----- the worker's side -------------------------------------------------
