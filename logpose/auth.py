@@ -207,6 +207,8 @@ def load_signing_key(data_dir: Path, configured: str | None) -> bytes:
 
 # ----- the authenticator -----------------------------------------------------------
 
+_MALFORMED_TOKEN = "invalid token: not a JWT of three base64url parts (header.payload.signature)"
+
 @dataclass(slots=True)
 class _VerifiedToken:
     subject: str
@@ -413,6 +415,9 @@ class Authenticator:
 
     def _decode(self, token: str) -> _VerifiedToken:
         """Check the token's signature and claims, and remember the result for later requests."""
+        if not token.isascii():
+            # Bytes outside ASCII reach here as surrogates, which PyJWT cannot encode.
+            raise AuthenticationError(_MALFORMED_TOKEN)
         try:
             claims = jwt.decode(
                 token,
@@ -426,6 +431,11 @@ class Authenticator:
         except jwt.ExpiredSignatureError as exc:
             self._verified.pop(token, None)
             raise AuthenticationError("the token has expired; request a new one at /api/auth/token") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise AuthenticationError("invalid token: its signature does not match this server's key") from exc
+        except jwt.DecodeError as exc:
+            # PyJWT's text here names decoder internals (base64, UTF-8, JSON).
+            raise AuthenticationError(_MALFORMED_TOKEN) from exc
         except jwt.PyJWTError as exc:
             raise AuthenticationError(f"invalid token: {exc}") from exc
         subject = claims["sub"]

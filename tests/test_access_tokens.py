@@ -95,6 +95,20 @@ def test_forged_token_rejected(server, admin, forgery):
     assert answer.json()["type"] == "urn:logpose:problem:unauthorized"
 
 
+@pytest.mark.parametrize(("forged", "expected"), [
+    ("not.a.token", "not a JWT of three base64url parts"),
+    ("\u00b7\u00b7\u00b7", "not a JWT of three base64url parts"),
+    ("onlyone", "not a JWT of three base64url parts"),
+    (jwt.encode({"sub": "admin"}, "w" * 64, algorithm="HS256"), "signature does not match"),
+])
+def test_bad_token_detail_names_the_problem(server, forged, expected):
+    # As raw bytes, so a token outside ASCII reaches the server as sent.
+    header = f"Bearer {forged}".encode("latin-1")
+    answer = httpx.get(server.url + "/api/services", headers={"Authorization": header}, timeout=10)
+    assert answer.status_code == 401, answer.text
+    assert expected in answer.json()["detail"]
+
+
 def test_token_claims(server, admin):
     secret = create_client(admin, "claims-reader")
     answer = request_token(server, "claims-reader", secret)

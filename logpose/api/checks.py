@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from logpose import __version__
@@ -19,8 +21,10 @@ async def set_maintenance(request: web.Request) -> web.Response:
     instance_id = instance_id_from(request)
     body = read_object(await read_json(request), {"enabled", "reason"})
     enabled = body.get("enabled")
+    if "enabled" not in body:
+        raise ValidationError("enabled", "is required: true or false")
     if not isinstance(enabled, bool):
-        raise ValidationError("enabled", f"is required: true or false, got {enabled!r}")
+        raise ValidationError("enabled", f"must be true or false, got {json.dumps(enabled)}")
     reason = body.get("reason")
     if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH):
         raise ValidationError("reason", f"must be a string of at most {MAX_REASON_LENGTH} characters")
