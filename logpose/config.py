@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from logpose.errors import ConfigError
+from logpose.errors import ConfigError, shown
 
 ENVIRONMENT_PREFIX = "LOGPOSE_"
 MIN_JWT_KEY_BYTES = 32  # RFC 7518 §3.2: an HS256 key has at least 256 bits
@@ -66,7 +66,7 @@ class Settings:
 def parse_host_port(value: Any, key: str) -> HostPort:
     """Parse ``HOST:PORT`` or ``[IPv6]:PORT`` where HOST is an IP address; port 0 picks a free one."""
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: must be a string 'HOST:PORT', got {value!r}")
+        raise ConfigError(f"{key}: must be a string 'HOST:PORT', got {shown(value)}")
     if value.startswith("["):
         host, sep, port_text = value[1:].partition("]:")
     else:
@@ -85,7 +85,7 @@ def parse_host_port(value: Any, key: str) -> HostPort:
 def _host_port_list(value: Any, key: str) -> tuple[HostPort, ...]:
     items = _list_items(value, key, "127.0.0.1:8653")
     if not items:
-        raise ConfigError(f"{key}: must be one or more 'HOST:PORT' addresses, got {value!r}")
+        raise ConfigError(f"{key}: must be one or more 'HOST:PORT' addresses, got {shown(value)}")
     return tuple(parse_host_port(item, key) for item in items)
 
 
@@ -94,7 +94,7 @@ def _list_items(value: Any, key: str, example: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ConfigError(f"{key}: must be a list of strings like {example!r}, got {value!r}")
+        raise ConfigError(f"{key}: must be a list of strings like {example!r}, got {shown(value)}")
     return [item.strip() for text in value for item in text.split(",") if item.strip()]
 
 
@@ -123,7 +123,7 @@ def _seconds(minimum: float, maximum: float) -> Callable[[Any, str], float]:
         except (TypeError, ValueError):
             number = math.nan
         if not minimum <= number <= maximum:
-            raise ConfigError(f"{key}: must be a number of seconds from {minimum:g} to {maximum:g}, got {value!r}")
+            raise ConfigError(f"{key}: must be a number of seconds from {minimum:g} to {maximum:g}, got {shown(value)}")
         return number
 
     return parse
@@ -133,7 +133,7 @@ def _whole(minimum: int, maximum: int, unit: str = "") -> Callable[[Any, str], i
     def parse(value: Any, key: str) -> int:
         text = str(value).strip()
         if isinstance(value, bool) or not text.lstrip("-").isdigit() or not minimum <= int(text) <= maximum:
-            raise ConfigError(f"{key}: must be a whole number{unit} from {minimum} to {maximum}, got {value!r}")
+            raise ConfigError(f"{key}: must be a whole number{unit} from {minimum} to {maximum}, got {shown(value)}")
         return int(text)
 
     return parse
@@ -173,7 +173,7 @@ def _boolean(value: Any, key: str) -> bool:
         return True
     if text in ("false", "0", "no", "off"):
         return False
-    raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    raise ConfigError(f"{key}: must be true or false, got {shown(value)}")
 
 
 def _share(value: Any, key: str) -> float:
@@ -182,14 +182,14 @@ def _share(value: Any, key: str) -> float:
     except (TypeError, ValueError):
         number = math.nan
     if not 0 < number < 1:
-        raise ConfigError(f"{key}: must be a fraction between 0 and 1 (exclusive), like 0.5, got {value!r}")
+        raise ConfigError(f"{key}: must be a fraction between 0 and 1 (exclusive), like 0.5, got {shown(value)}")
     return number
 
 
 def _log_level(value: Any, key: str) -> str:
     text = str(value).upper()
     if text not in LOG_LEVELS:
-        raise ConfigError(f"{key}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        raise ConfigError(f"{key}: must be one of {', '.join(LOG_LEVELS)}, got {shown(value)}")
     return text
 
 
@@ -216,7 +216,7 @@ def _logger_levels(value: Any, key: str) -> tuple[tuple[str, str], ...]:
 def _log_format(value: Any, key: str) -> str:
     text = str(value).lower()
     if text not in LOG_FORMATS:
-        raise ConfigError(f"{key}: must be one of {', '.join(LOG_FORMATS)}, got {value!r}")
+        raise ConfigError(f"{key}: must be one of {', '.join(LOG_FORMATS)}, got {shown(value)}")
     return text
 
 

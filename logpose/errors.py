@@ -9,6 +9,17 @@ where they are caught, chained with ``from exc``.
 from __future__ import annotations
 
 
+def shown(value: object) -> str:
+    """Spell a rejected value for an error message as JSON and TOML write it: true, false, null, else repr()."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    return repr(value)
+
+
 class LogPoseError(Exception):
     """Base class of every error LogPose raises on purpose."""
 

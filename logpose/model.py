@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from logpose.errors import ValidationError
+from logpose.errors import ValidationError, shown
 
 # One DNS label in lower case (RFC 1035 §2.3.1 with digits allowed first, RFC 1123 §2.1).
 SERVICE_CODE_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -357,7 +357,7 @@ def parse_check(value: Any, protocol: Protocol, field_name: str = "check") -> Ch
             return None
         if isinstance(item, bool) or not isinstance(item, (int, float)) or not minimum <= item <= MAX_CHECK_SECONDS:
             raise ValidationError(
-                f"{field_name}.{name}", f"must be a number of seconds from {minimum:g} to {MAX_CHECK_SECONDS:g}, got {item!r}"
+                f"{field_name}.{name}", f"must be a number of seconds from {minimum:g} to {MAX_CHECK_SECONDS:g}, got {shown(item)}"
             )
         return float(item)
 
@@ -366,7 +366,7 @@ def parse_check(value: Any, protocol: Protocol, field_name: str = "check") -> Ch
         if item is None:
             return None
         if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 100:
-            raise ValidationError(f"{field_name}.{name}", f"must be a whole number from 1 to 100, got {item!r}")
+            raise ValidationError(f"{field_name}.{name}", f"must be a whole number from 1 to 100, got {shown(item)}")
         return item
 
     interval = seconds("interval", 0.05)
@@ -404,10 +404,10 @@ def _parse_http_check_fields(check: Check, value: dict[str, Any], protocol: Prot
         raise ValidationError(f"{field_name}.scheme", f"must be 'http' or 'https', got {scheme!r}")
     tls_verify = value.get("tls_verify", True)
     if not isinstance(tls_verify, bool):
-        raise ValidationError(f"{field_name}.tls_verify", f"must be true or false, got {tls_verify!r}")
+        raise ValidationError(f"{field_name}.tls_verify", f"must be true or false, got {shown(tls_verify)}")
     expected = value.get("expected_status")
     if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or not 100 <= expected <= 599):
-        raise ValidationError(f"{field_name}.expected_status", f"must be an HTTP status from 100 to 599, got {expected!r}")
+        raise ValidationError(f"{field_name}.expected_status", f"must be an HTTP status from 100 to 599, got {shown(expected)}")
     return replace(check, path=path, scheme=scheme, tls_verify=tls_verify, expected_status=expected)
 
 
@@ -443,7 +443,7 @@ def parse_weight(value: Any, field_name: str = "weight") -> int:
     if value is None:
         return 1
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WEIGHT:
-        raise ValidationError(field_name, f"must be a whole number from 0 to {MAX_WEIGHT}, got {value!r}")
+        raise ValidationError(field_name, f"must be a whole number from 0 to {MAX_WEIGHT}, got {shown(value)}")
     return value
 
 

@@ -257,6 +257,18 @@ def test_registration_rejects_bad_input(api, service, body, field):
     assert api.get("/api/services").json() == []
 
 
+@pytest.mark.parametrize(("check", "expected"), [
+    ({"type": "tcp", "rise": True}, "check.rise: must be a whole number from 1 to 100, got true"),
+    ({"type": "http", "tls_verify": None}, "check.tls_verify: must be true or false, got null"),
+])
+def test_rejected_values_spelled_as_json(api, check, expected):
+    answer = api.post("/api/services/svc/instances", json={"address": "10.0.0.5:80", "protocol": "Http", "check": check})
+    assert_problem(answer, 422)
+    assert expected in answer.json()["detail"]
+    weight = api.post("/api/services/svc/instances", json={"address": "10.0.0.5:80", "protocol": "Http", "weight": True})
+    assert "got true" in weight.json()["detail"]
+
+
 def test_invalid_json_is_400(api):
     answer = api.post("/api/services/svc/instances", content=b"{not json", headers={"Content-Type": "application/json"})
     assert_problem(answer, 400)

@@ -340,6 +340,7 @@ def test_check_config_accepts_example():
     ("database_url = \"mysql://db/logpose\"\n", "database_url"),
     ("dns_ttl = \n", "not valid TOML"),
     (b"\xff\xfe dns_ttl = 5\n", "byte 0 is not UTF-8 text"),
+    ("dns_workers = true\n", "from 1 to 64, got true"),
 ])
 def test_check_config_rejects_with_one_line(tmp_path, content, fragment):
     path = tmp_path / "bad.toml"
