@@ -51,7 +51,7 @@ RCODE_NAMES = {
 }
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"  # route label of a request that matched no route (404, 405)
-# DNS responses are tallied by raw (transport, type, code) numbers; past this many
+# DNS responses are tallied by raw (transport, type, code) numbers. Past this many
 # distinct ones the tally is folded into label names, which form a closed set.
 MAX_DNS_RAW_KEYS = 1000
 
@@ -173,7 +173,7 @@ class HttpTally:
 
     def __init__(self) -> None:
         self._requests: dict[tuple[str, str, int], int] = {}  # by (method, route, status)
-        self._timings: dict[tuple[str, str], _Timing] = {}  # by (method, route)
+        self._timings: dict[tuple[str, str], _Histogram] = {}  # by (method, route)
 
     def observe(self, method: str, route: str | None, status: int, seconds: float) -> None:
         """Count one request whose response had ``status`` and took ``seconds``; ``route`` is None when none matched."""
@@ -186,7 +186,7 @@ class HttpTally:
         requests[key] = requests.get(key, 0) + 1
         timing = self._timings.get((method, route))
         if timing is None:
-            timing = self._timings[(method, route)] = _Timing()
+            timing = self._timings[(method, route)] = _Histogram(HTTP_SECONDS_BUCKETS)
         timing.buckets[bisect.bisect_left(HTTP_SECONDS_BUCKETS, seconds)] += 1
         timing.seconds += seconds
 
@@ -202,25 +202,33 @@ class HttpTally:
             "logpose_http_request_seconds", "Time to answer an HTTP request, by method and route pattern",
             labels=("method", "route"),
         )
-        bounds = [floatToGoString(bound) for bound in (*HTTP_SECONDS_BUCKETS, float("inf"))]
         for labels, timing in dict(self._timings).items():
-            cumulative = 0
-            buckets = []
-            for bound, count in zip(bounds, timing.buckets):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            durations.add_metric(labels, buckets, timing.seconds)
+            durations.add_metric(labels, timing.cumulative(), timing.seconds)
         yield durations
 
 
-class _Timing:
-    """Observations of one (method, route): a count per bucket of HTTP_SECONDS_BUCKETS, one above, and their sum."""
+class _Histogram:
+    """A histogram in plain numbers: a count per bucket bound, one count above the last, and the sum.
 
-    __slots__ = ("buckets", "seconds")
+    Callers on a hot path add to ``buckets`` and ``seconds`` themselves, with
+    ``bisect_left(bounds, value)`` as the index, which saves a method call.
+    """
 
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(HTTP_SECONDS_BUCKETS) + 1)
+    __slots__ = ("bounds", "buckets", "seconds")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)
         self.seconds = 0.0
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Return the (upper bound, count at or below it) pairs of the exposition format, ending with +Inf."""
+        total = 0
+        pairs = []
+        for bound, count in zip((*self.bounds, float("inf")), self.buckets):
+            total += count
+            pairs.append((floatToGoString(bound), total))
+        return pairs
 
 
 class DnsTally:
@@ -237,9 +245,7 @@ class DnsTally:
     def __init__(self) -> None:
         self._raw: dict[tuple[str, int | None, int], int] = {}
         self._named: dict[tuple[str, str, str], int] = {}
-        # One count per bound of DNS_SECONDS_BUCKETS, then one above the last bound.
-        self._buckets = [0] * (len(DNS_SECONDS_BUCKETS) + 1)
-        self._seconds = 0.0
+        self._timing = _Histogram(DNS_SECONDS_BUCKETS)
 
     def observe(self, transport: str, qtype: int | None, rcode: int, seconds: float) -> None:
         """Count one response to a query of type ``qtype`` (None: no question) that took ``seconds``."""
@@ -249,8 +255,9 @@ class DnsTally:
         if count is None and len(raw) >= MAX_DNS_RAW_KEYS:
             self._fold()
         raw[key] = (count or 0) + 1
-        self._buckets[bisect.bisect_left(DNS_SECONDS_BUCKETS, seconds)] += 1
-        self._seconds += seconds
+        timing = self._timing
+        timing.buckets[bisect.bisect_left(DNS_SECONDS_BUCKETS, seconds)] += 1
+        timing.seconds += seconds
 
     def take(self) -> tuple[dict[tuple[str, int | None, int], int], list[int], float] | None:
         """Return the raw counts, bucket counts and seconds observed since the last call, or None without any.
@@ -259,11 +266,10 @@ class DnsTally:
         """
         if not self._raw:
             return None
-        taken = (self._raw, self._buckets, self._seconds)
+        tally = (self._raw, self._timing.buckets, self._timing.seconds)
         self._raw = {}
-        self._buckets = [0] * len(self._buckets)
-        self._seconds = 0.0
-        return taken
+        self._timing = _Histogram(DNS_SECONDS_BUCKETS)
+        return tally
 
     def merge(self, raw: dict[tuple[str, int | None, int], int], buckets: list[int], seconds: float) -> None:
         """Add what another tally's ``take`` returned."""
@@ -271,9 +277,10 @@ class DnsTally:
             if key not in self._raw and len(self._raw) >= MAX_DNS_RAW_KEYS:
                 self._fold()
             self._raw[key] = self._raw.get(key, 0) + count
-        for position, count in enumerate(buckets[: len(self._buckets)]):
-            self._buckets[position] += count
-        self._seconds += seconds
+        timing = self._timing
+        for position, count in enumerate(buckets[: len(timing.buckets)]):
+            timing.buckets[position] += count
+        timing.seconds += seconds
 
     def counts(self) -> dict[tuple[str, str, str], int]:
         """Responses so far by (transport, query type name, response code name)."""
@@ -288,14 +295,9 @@ class DnsTally:
         for labels, count in self.counts().items():
             queries.add_metric(labels, count)
         yield queries
-        cumulative = 0
-        buckets = []
-        for bound, count in zip((*DNS_SECONDS_BUCKETS, float("inf")), self._buckets):
-            cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
         yield HistogramMetricFamily(
             "logpose_dns_response_seconds", "Time from a DNS query to its response leaving the responder",
-            buckets=buckets, sum_value=self._seconds,
+            buckets=self._timing.cumulative(), sum_value=self._timing.seconds,
         )
 
     def _fold(self) -> None:

@@ -8,7 +8,7 @@ offset moves, so owner names that point at the question read as the client spell
 them.
 
 The cache also remembers, per transport, the exact bytes of recent queries that it
-answered, from the flags to the end, so a repeated query skips ``peek_query``.
+served, from the flags to the end, so a repeated query skips ``peek_query``.
 """
 
 from __future__ import annotations
@@ -227,13 +227,11 @@ class AnswerCache:
         self._evict(keep=key)
 
     def remember(self, transport: str, wire: bytes, entry: CachedAnswer, name_end: int, qtype: int) -> None:
-        """Note that the query ``wire`` over ``transport`` is answered from ``entry``.
+        """Record that the query ``wire`` over ``transport`` is served from ``entry``.
 
         The caller guarantees that ``wire`` is a plain query (see ``peek_query``)
         whose question name ends at ``name_end`` and selects ``entry``.
         """
-        if not self.max_bytes:
-            return
         known = self.known_queries[transport]
         if len(known) >= MAX_KNOWN_QUERIES:
             known.clear()
@@ -261,8 +259,8 @@ class AnswerCache:
         return len(self._entries)
 
     def _let_go(self, entry: CachedAnswer) -> None:
-        # known_queries may still point at the entry until the query is answered
-        # again: marked dead, and without its responses, it costs little there.
+        # known_queries may point at the entry until that query comes again. Marked
+        # dead and stripped of its responses, the entry costs little there.
         entry.live = False
         entry.variants = []
         self._size -= entry.size

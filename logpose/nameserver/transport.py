@@ -196,7 +196,7 @@ class DnsServer:
         # Each message has a 2-byte length prefix (RFC 1035 §4.2.2). Queries are answered
         # one after another, which RFC 7766 §6.2.1.1 allows for pipelined queries.
         timeout = self._tcp_idle_timeout
-        source = writer.get_extra_info("peername")[0]
+        address = writer.get_extra_info("peername")
         while True:
             try:
                 prefix = await asyncio.wait_for(reader.readexactly(2), timeout)
@@ -212,7 +212,7 @@ class DnsServer:
                 dns_log.debug("TCP connection from %s failed while reading: %s", peer, exc)
                 return
 
-            reply = self._responder.respond(message, "tcp", peer, source)
+            reply = self._respond(message, "tcp", address)
             if isinstance(reply, ForwardedQuery):
                 # Later queries on this connection wait: answers go out in order.
                 reply = await self._responder.forward(reply)
@@ -232,11 +232,26 @@ class DnsServer:
                 return
 
 
+    def _respond(self, wire: bytes, transport: str, address: Any) -> bytes | ForwardedQuery | None:
+        """Return the response to ``wire`` from the client at ``address``: the cached one if any, else the full path."""
+        source = address[0]
+        # A cached response needs no peer name, which only log lines use, and at
+        # DEBUG respond() writes the line that each query gets.
+        if not dns_log.isEnabledFor(logging.DEBUG):
+            reply = self._responder.respond_cached(wire, transport, source)
+            if reply is not None:
+                return reply
+        return self._responder.respond(wire, transport, _format_peer(address), source)
+
     # ----- UDP ------------------------------------------------------------
 
     def _udp_allowed(self, source: str) -> bool:
-        """Return False when ``source`` is over its response rate, logging that at most once per interval."""
-        if self._rate_limiter is None or self._rate_limiter.allow(source):
+        """Return False when ``source`` is over its response rate, logging that at most once per interval.
+
+        The caller checks first that a rate limit is set.
+        """
+        assert self._rate_limiter is not None
+        if self._rate_limiter.allow(source):
             return True
         held_back = self._rate_limit_log.ready()
         if held_back is not None:
@@ -265,7 +280,6 @@ class DnsServer:
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: DnsServer) -> None:
         self._server = server
-        self._responder = server._responder
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -273,16 +287,11 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        source = addr[0]
-        if self._server._rate_limiter is not None and not self._server._udp_allowed(source):
+        server = self._server
+        if server._rate_limiter is not None and not server._udp_allowed(addr[0]):
             return
         try:
-            # A cached response needs no peer name, which only log lines use, and
-            # respond() writes the DEBUG line per query.
-            reply = None if dns_log.isEnabledFor(logging.DEBUG) else self._responder.respond_cached(data, "udp", source)
-            if reply is None:
-                peer = _format_peer(addr)
-                reply = self._responder.respond(data, "udp", peer, source)
+            reply = server._respond(data, "udp", addr)
         except Exception:
             # respond() handles bad input itself, so this is a bug. One datagram must
             # not stop the listener.
