@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 from logpose.errors import ConfigError, shown
 
 ENVIRONMENT_PREFIX = "LOGPOSE_"
+MAX_DNS_WORKERS = 64  # dns_workers at most, the server process included
 MIN_JWT_KEY_BYTES = 32  # RFC 7518 §3.2: an HS256 key has at least 256 bits
 
 HostPort = tuple[str, int]
@@ -240,7 +241,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "dns_reverse_zones": _network_list,
     "dns_allow": _network_list,
     "dns_rate_limit": _whole(0, 1_000_000, " of responses per second"),
-    "dns_workers": _whole(1, 64, " of processes"),
+    "dns_workers": _whole(1, MAX_DNS_WORKERS, " of processes"),
     "recursors": _recursor_list,
     "recursor_timeout": _seconds(0.01, 60),
     "jwt_key": _jwt_key,
@@ -313,7 +314,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
-        # TOML files are UTF-8 (TOML 1.0, "Spec"); tomllib raises this before parsing.
+        # The TOML 1.0 specification requires UTF-8, and tomllib checks it before parsing.
         raise ConfigError(
             f"configuration file {path} is not valid TOML: byte {exc.start} is not UTF-8 text"
         ) from exc

@@ -129,13 +129,13 @@ class BufferedStreamHandler(logging.StreamHandler):
         if record is not None:
             records.append(record)
         lines = []
-        for each in records:
+        for held in records:
             try:
-                lines.append(self.format(each) + self.terminator)
+                lines.append(self.format(held) + self.terminator)
             except RecursionError:
                 raise
             except Exception:
-                self.handleError(each)
+                self.handleError(held)
         if lines:
             self.stream.write("".join(lines))
         self.stream.flush()

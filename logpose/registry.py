@@ -610,9 +610,9 @@ class Registry:
         self._put_instance(updated)
         if self._store is not None and self.node.shared:
             # Written even without a transition, so the node that runs the TTL
-            # deadlines sees reports that reached any node. A node alone writes
-            # transitions only (see _set_health), so a report that changes no
-            # health moves neither the change index nor the SOA serial.
+            # deadlines learns of reports that reached any node. A node alone
+            # writes transitions only (see _set_health), so there a report that
+            # changes no health moves neither the change index nor the SOA serial.
             self._pending_health[instance_id] = HealthUpdate(
                 instance_id, updated.service, updated.health, updated.output, now, now
             )

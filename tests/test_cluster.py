@@ -110,7 +110,7 @@ def test_write_on_one_node_answered_by_another(cluster, tcp_listener):
         assert wait_until(lambda: api_b.get("/api/status").json()["node"]["lag"] == 0, timeout=3)
 
 
-def test_dns_workers_follow_writes_on_another_node(cluster):
+def test_workers_follow_other_node_writes(cluster):
     node_a, node_b = cluster(2, extra_args=("--dns-workers", "3"))
     with client(node_b, token_of(node_a)) as api_b:
         created = api_b.post(

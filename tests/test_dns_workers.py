@@ -3,7 +3,7 @@
 Each query below goes out from a new UDP socket, so from a new source port, and
 the kernel hands it to one of the processes sharing the port (SO_REUSEPORT).
 Forty such queries reach every one of three processes with near certainty, so
-when all forty answers are right, every process follows the catalog.
+when all forty responses are right, every process follows the catalog.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def test_workers_end_with_the_server(server_factory):
     assert "Traceback" not in server.log()
 
 
-def test_workers_end_when_the_server_is_killed(server_factory):
+def test_workers_end_with_killed_server(server_factory):
     server = server_factory("killed", ["--dns-workers", "3"])
     pids = worker_pids(server)
     assert len(pids) == 2
@@ -246,7 +246,7 @@ def test_bad_worker_count_is_rejected(tmp_path, value):
     assert not (tmp_path / "data").exists()
 
 
-def test_worker_module_exits_without_a_start_message():
+def test_worker_module_needs_start_message():
     started = time.monotonic()
     finished = subprocess.run(
         [sys.executable, "-m", WORKER_MODULE], input=b"", capture_output=True, timeout=30,

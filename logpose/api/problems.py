@@ -94,10 +94,10 @@ def _from_http_exception(error: web.HTTPException) -> web.Response:
 
 
 def error_response(request: web.Request, error: Exception) -> web.Response:
-    """Return the ``application/problem+json`` answer for ``error``, ours or the framework's.
+    """Return the ``application/problem+json`` response for ``error``, ours or the framework's.
 
     An error that is neither a LogPoseError nor a web.HTTPException is a bug:
-    it is logged with the request and answered 500. The caller re-raises a
+    it is logged with the request and gets a 500 response. The caller re-raises a
     web.HTTPException below 400 (a redirect) instead of calling this.
     """
     if isinstance(error, LogPoseError):

@@ -9,14 +9,15 @@ A worker keeps a read-only copy of the catalog in a ``Registry`` without a store
 The server writes to the worker's stdin: the start settings, the whole catalog,
 then every change as the registry applies it. A change travels as the current
 rows of what it touched, and the worker applies them in order with
-``Registry.apply_records``, as the cluster change feed does. The worker writes to its stdout that it is ready, the
-number of each change message it applied, and once a second its DNS response
-counts, which the server adds to its metrics. Both directions carry
-length-prefixed pickles between processes of one installation.
+``Registry.apply_records``, as the cluster change feed does. The worker writes
+to its stdout that it is ready, the number of each change message it applied,
+and once a second its DNS response counts, which the server adds to its
+metrics. Both directions carry length-prefixed pickles between processes of one
+installation.
 
-An HTTP write is answered only once every worker applied it (``wait_applied``),
-so a client that changed the catalog sees the change in its next DNS answer,
-whichever process answers it.
+The response to an HTTP write goes out only once every worker applied the write
+(``wait_applied``). So a client that changed the catalog gets the change in its
+next DNS response, whichever process sends it.
 
 A worker ends with exit code 0 when its stdin closes (the server stopped, or
 was killed) or on SIGTERM or SIGINT, as when systemd stops the whole unit. The
@@ -46,7 +47,6 @@ from logpose.nameserver.transport import DnsServer
 from logpose.nameserver.zone import ZoneSettings
 from logpose.registry import CatalogSnapshot, Change, ChangeRecord, Registry
 
-MAX_WORKERS = 64  # dns_workers at most, the server process included
 READY_TIMEOUT = 60.0  # seconds for a worker to load the catalog and bind
 RESTART_DELAY = 1.0  # seconds before a worker that ended is started again
 MAX_RESTART_DELAY = 30.0  # seconds between attempts at most, for a worker that keeps failing to start
@@ -59,7 +59,7 @@ _SLOW_LOG_INTERVAL = 10.0  # seconds between two log lines about workers slow to
 
 @dataclass(frozen=True, slots=True)
 class WorkerStart:
-    """What a worker needs before the catalog: where to listen and how to answer and log."""
+    """The settings a worker needs before the catalog: listen addresses, zone, rate limit and logging."""
 
     number: int
     zone: ZoneSettings
@@ -129,7 +129,7 @@ class DnsWorkers:
         return [worker.process.pid for worker in self._workers.values() if worker.process is not None]
 
     async def start(self) -> None:
-        """Start every worker and wait until each answers; raise OSError naming the first that cannot."""
+        """Start every worker and wait until each is ready; raise OSError naming the first that fails."""
         # Subscribed first: a change applied while a worker starts reaches it after its snapshot.
         self._unsubscribe = self._registry.subscribe(self._on_change)
         try:
