@@ -35,17 +35,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import multiprocessing
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,12 +51,11 @@ from pathlib import Path
 
 import httpx
 
-from benchlib import BenchmarkError, free_port, stop_process
+from benchlib import BenchmarkError, free_port, print_rows, run_benchmark, stop_process
 from probe_scale import (
     SERVER_DEFAULT_INTERVAL,
     DnsRun,
     Server,
-    describe_machine,
     log,
     parse_dnsperf,
     percentile,
@@ -754,12 +750,7 @@ def print_table(options: Options, results: Results) -> None:
         rows.append((f"scale: queries/s, all {options.scale_services:,} services", f"{everything.run.queries_per_second:,.0f}",
                      f"one run, lost {everything.run.lost}; answers mostly built, not cached"))
 
-    width = max(len(name) for name, _value, _note in rows)
-    value_width = max(len(value) for _name, value, _note in rows)
-    print(f"{'metric':<{width}}  {'value':<{value_width}}  note")
-    print(f"{'-' * width}  {'-' * value_width}  ----")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:<{value_width}}  {note}".rstrip())
+    print_rows([("", rows)])
     print()
     print(f"dnsperf: UDP, EDNS0, A and SRV of every service in turn, {options.seconds:g} s per run, "
           f"{options.clients} client sockets, "
@@ -769,25 +760,12 @@ def print_table(options: Options, results: Results) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(f"LogPose DNS benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"machine: {describe_machine()}")
-    print(f"command: {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}")
-    print()
-    try:
+
+    def measure_all(work_dir: Path, cleanup: contextlib.ExitStack) -> Results:
         require_programs()
-        with contextlib.ExitStack() as cleanup:
-            work_dir = Path(tempfile.mkdtemp(prefix="logpose-dns-bench-"))
-            cleanup.callback(shutil.rmtree, work_dir, ignore_errors=True)
-            results = measure(options, work_dir, cleanup)
-    except BenchmarkError as exc:
-        print(f"dns_bench: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("dns_bench: interrupted; every started process was stopped", file=sys.stderr)
-        return 130
-    print_table(options, results)
-    return 0
+        return measure(options, work_dir, cleanup)
+
+    return run_benchmark("dns_bench", "DNS benchmark", measure_all, lambda results: print_table(options, results))
 
 
 if __name__ == "__main__":

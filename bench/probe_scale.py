@@ -32,7 +32,6 @@ import contextlib
 import datetime
 import multiprocessing
 import os
-import platform
 import re
 import resource
 import select
@@ -42,7 +41,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -50,7 +48,7 @@ from pathlib import Path
 
 import httpx
 
-from benchlib import BenchmarkError, free_port
+from benchlib import BenchmarkError, free_port, print_rows, run_benchmark
 
 HOST = "127.0.0.1"
 ZONE = "logpose.internal"  # the server's default zone
@@ -793,54 +791,22 @@ def print_table(options: Options, results: Results) -> None:
     ]
     dns_note = f"{results.dns_tool}, {options.seconds:g} s per run, median of {options.repeats} run(s) per server"
 
-    width = max(len(name) for name, _value, _note in rows + dns_rows)
-    value_width = max(len(value) for _name, value, _note in rows + dns_rows)
-    print(f"{'metric':<{width}}  {'value':<{value_width}}  note")
-    print(f"{'-' * width}  {'-' * value_width}  ----")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:<{value_width}}  {note}".rstrip())
-    print(f"{'-' * width}  {'-' * value_width}  ----  DNS load: {dns_note}")
-    for name, value, note in dns_rows:
-        print(f"{name:<{width}}  {value:<{value_width}}  {note}".rstrip())
+    print_rows([("", rows), (f"DNS load: {dns_note}", dns_rows)])
     print()
     for label, runs in (("probing", results.dns_probing), ("idle", results.dns_idle)):
         per_run = ", ".join(f"{run.queries_per_second:.0f}" for run in runs)
         print(f"DNS queries/s per run, {label} server: {per_run}")
 
 
-def describe_machine() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, {platform.system()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
-    # SIGTERM takes the same path as Ctrl-C, so the cleanup below stops every child.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(f"LogPose prober benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
-    print(f"machine: {describe_machine()}")
-    print(f"command: {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}")
-    print()
-    try:
+
+    def measure_all(work_dir: Path, cleanup: contextlib.ExitStack) -> Results:
         limit = ensure_file_limit(options.instances // 2)
         log(f"open file limit {limit}")
-        with contextlib.ExitStack() as cleanup:
-            work_dir = Path(tempfile.mkdtemp(prefix="logpose-bench-"))
-            cleanup.callback(shutil.rmtree, work_dir, ignore_errors=True)
-            results = measure(options, work_dir, cleanup)
-    except BenchmarkError as exc:
-        print(f"probe_scale: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("probe_scale: interrupted; every started process was stopped", file=sys.stderr)
-        return 130
-    print_table(options, results)
-    return 0
+        return measure(options, work_dir, cleanup)
+
+    return run_benchmark("probe_scale", "prober benchmark", measure_all, lambda results: print_table(options, results))
 
 
 if __name__ == "__main__":
